@@ -1,0 +1,138 @@
+//! Decisions remembered for late spans.
+//!
+//! Spans can arrive after their trace was decided (slow exporters, retries).
+//! The cache answers for them: a late span of a kept trace is published with
+//! the same decision, one of a dropped trace is dropped and counted. Entries
+//! expire after `ttl` and the cache holds at most `max_entries`; both evict
+//! oldest first from one FIFO, since every entry has the same lifetime.
+
+use crate::config;
+use dashmap::DashMap;
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+use tailgate_sampling_rules::{Kept, TraceId};
+use tokio::time::Instant;
+
+/// A remembered decision. Kept traces carry what their late spans need to be
+/// published the same way; dropped ones only their ID.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Keep { kept: Kept, root_service: Arc<str> },
+    Drop,
+}
+
+#[derive(Debug)]
+pub struct DecisionCache {
+    map: DashMap<TraceId, (Verdict, u64)>,
+    order: Mutex<VecDeque<(Instant, TraceId, u64)>>,
+    stamp: AtomicU64,
+    ttl: Duration,
+    max_entries: usize,
+}
+
+impl DecisionCache {
+    pub fn new(cfg: &config::DecisionCache) -> Self {
+        Self {
+            map: DashMap::new(),
+            order: Mutex::default(),
+            stamp: AtomicU64::new(0),
+            ttl: cfg.ttl,
+            max_entries: cfg.max_entries.get(),
+        }
+    }
+
+    pub fn get(&self, id: &TraceId) -> Option<Verdict> {
+        self.map.get(id).map(|e| e.0.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn insert(&self, id: TraceId, verdict: Verdict, now: Instant) {
+        let stamp = self.stamp.fetch_add(1, Ordering::Relaxed);
+        self.map.insert(id, (verdict, stamp));
+        let over = {
+            let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+            order.push_back((now, id, stamp));
+            order.len() > self.max_entries
+        };
+        if over {
+            self.evict(|_, len| len > self.max_entries);
+        }
+    }
+
+    /// Forgets decisions older than the TTL.
+    pub fn expire(&self, now: Instant) {
+        self.evict(|at, _| now.saturating_duration_since(at) >= self.ttl);
+    }
+
+    fn evict(&self, evict_front: impl Fn(Instant, usize) -> bool) {
+        loop {
+            let popped = {
+                let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+                match order.front() {
+                    Some(&(at, _, _)) if evict_front(at, order.len()) => order.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, id, stamp)) = popped else { return };
+            // A newer decision for the same trace keeps its own entry.
+            self.map.remove_if(&id, |_, (_, s)| *s == stamp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroUsize;
+
+    fn cache(max: usize) -> DecisionCache {
+        DecisionCache::new(&config::DecisionCache {
+            ttl: Duration::from_secs(300),
+            max_entries: NonZeroUsize::new(max).unwrap(),
+        })
+    }
+
+    /// Decisions are forgotten after the TTL, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn expires_after_ttl() {
+        let c = cache(10);
+        c.insert(TraceId([1; 16]), Verdict::Drop, Instant::now());
+        tokio::time::advance(Duration::from_secs(299)).await;
+        c.expire(Instant::now());
+        assert_eq!(c.get(&TraceId([1; 16])), Some(Verdict::Drop));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        c.expire(Instant::now());
+        assert_eq!(c.get(&TraceId([1; 16])), None);
+        assert!(c.is_empty());
+    }
+
+    /// The entry bound evicts the oldest decision; a re-decided trace keeps its newer entry.
+    #[tokio::test(start_paused = true)]
+    async fn bounded() {
+        let c = cache(2);
+        let now = Instant::now();
+        c.insert(TraceId([1; 16]), Verdict::Drop, now);
+        c.insert(TraceId([2; 16]), Verdict::Drop, now);
+        c.insert(TraceId([1; 16]), Verdict::Drop, now);
+        // Three FIFO entries for a bound of two: the stale first one of
+        // trace 1 goes, and trace 1's newer entry stays.
+        assert_eq!(c.len(), 2);
+        c.insert(TraceId([3; 16]), Verdict::Drop, now);
+        assert_eq!(c.get(&TraceId([2; 16])), None);
+        assert!(c.get(&TraceId([1; 16])).is_some());
+        assert!(c.get(&TraceId([3; 16])).is_some());
+    }
+}

@@ -1,0 +1,194 @@
+//! Stage 4, decide: apply the sampling policy to a whole trace, remember the
+//! decision, and hand kept traces to the publisher, marked with the decision.
+
+pub mod cache;
+
+use crate::{
+    buffer::{TakenTrace, Trigger},
+    metrics::{DropReason, Metrics},
+    publish::{OutMessage, Outbox},
+    route::{Fragment, TraceBatch, into_request},
+};
+use cache::{DecisionCache, Verdict};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+use std::sync::Arc;
+use tailgate_sampling_rules::{
+    Decision, DefaultPolicy, Kept, SpanRef, TraceId, TraceView, with_threshold,
+};
+use tokio::time::Instant;
+
+/// Attribute naming the rule that kept a span's trace.
+pub const RULE_ATTRIBUTE: &str = "sampling.rule";
+/// Attribute with how many traces the kept one stands for.
+pub const ADJUSTED_COUNT_ATTRIBUTE: &str = "sampling.adjusted_count";
+
+#[derive(Debug)]
+pub struct Decider {
+    policy: DefaultPolicy,
+    cache: DecisionCache,
+    metrics: Arc<Metrics>,
+    outbox: Arc<Outbox>,
+}
+
+impl Decider {
+    pub fn new(
+        policy: DefaultPolicy,
+        cache: DecisionCache,
+        metrics: Arc<Metrics>,
+        outbox: Arc<Outbox>,
+    ) -> Self {
+        Self {
+            policy,
+            cache,
+            metrics,
+            outbox,
+        }
+    }
+
+    pub fn cache(&self) -> &DecisionCache {
+        &self.cache
+    }
+
+    /// Decides a trace taken from the buffer, remembers the decision, and
+    /// queues the trace for publishing if kept.
+    pub fn decide(&self, trace: TakenTrace, trigger: Trigger, now: Instant) -> Verdict {
+        let decision = self.policy.decide(&trace);
+        let latency = now.saturating_duration_since(trace.received_at);
+        self.metrics.decided(
+            decision.is_keep(),
+            decision.rule().as_str(),
+            trigger.label(),
+            latency.as_secs_f64(),
+        );
+        let verdict = match decision {
+            Decision::Keep(kept) => {
+                let root_service: Arc<str> = root_service(&trace).unwrap_or("unknown").into();
+                self.publish(
+                    trace.trace_id,
+                    &kept,
+                    &root_service,
+                    trace.fragments,
+                    trace.received_at,
+                );
+                Verdict::Keep { kept, root_service }
+            }
+            Decision::Drop { .. } => {
+                self.metrics.dropped(DropReason::Policy, trace.span_count);
+                Verdict::Drop
+            }
+        };
+        self.cache.insert(trace.trace_id, verdict.clone(), now);
+        verdict
+    }
+
+    /// Spans that arrived after their trace was decided follow that decision.
+    pub fn late(&self, batch: TraceBatch, verdict: &Verdict, now: Instant) {
+        match verdict {
+            Verdict::Keep { kept, root_service } => {
+                self.metrics.late(true, batch.span_count);
+                self.publish(batch.trace_id, kept, root_service, batch.fragments, now);
+            }
+            Verdict::Drop => {
+                self.metrics.late(false, batch.span_count);
+                self.metrics
+                    .dropped(DropReason::LateSpanOfDroppedTrace, batch.span_count);
+            }
+        }
+    }
+
+    fn publish(
+        &self,
+        trace_id: TraceId,
+        kept: &Kept,
+        root_service: &Arc<str>,
+        mut fragments: Vec<Fragment>,
+        received_at: Instant,
+    ) {
+        let span_count = annotate(&mut fragments, kept);
+        let request = into_request(fragments);
+        self.outbox.push(OutMessage::new(
+            trace_id,
+            kept,
+            Arc::clone(root_service),
+            span_count,
+            &request,
+            received_at,
+        ));
+    }
+}
+
+/// The `service.name` of the trace's root span, if the root arrived.
+fn root_service(trace: &TakenTrace) -> Option<&str> {
+    trace
+        .spans()
+        .find(SpanRef::is_root)
+        .and_then(|s| s.service_name())
+}
+
+/// Marks every span with the decision: `sampling.rule`,
+/// `sampling.adjusted_count`, and the OTEP 235 threshold in its tracestate.
+/// Returns the number of spans.
+fn annotate(fragments: &mut [Fragment], kept: &Kept) -> usize {
+    let mut count = 0;
+    for span in fragments.iter_mut().flat_map(|f| f.spans.iter_mut()) {
+        let (trace_state, effective) = with_threshold(&span.trace_state, kept.threshold);
+        span.trace_state = trace_state;
+        span.attributes
+            .retain(|kv| kv.key != RULE_ATTRIBUTE && kv.key != ADJUSTED_COUNT_ATTRIBUTE);
+        span.attributes.push(KeyValue {
+            key: RULE_ATTRIBUTE.into(),
+            value: Some(AnyValue {
+                value: Some(Value::StringValue(kept.rule.as_str().into())),
+            }),
+            ..Default::default()
+        });
+        span.attributes.push(KeyValue {
+            key: ADJUSTED_COUNT_ATTRIBUTE.into(),
+            value: Some(AnyValue {
+                value: Some(Value::DoubleValue(effective.adjusted_count())),
+            }),
+            ..Default::default()
+        });
+        count += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::{split_by_trace, tests::request, tests::span};
+    use tailgate_sampling_rules::{RuleName, Threshold};
+
+    /// Kept spans carry the rule, the adjusted count and `ot=th` in their tracestate.
+    #[test]
+    fn annotation() {
+        let mut routed = split_by_trace(request(vec![(
+            "svc",
+            vec![span(1, 1, None), span(1, 2, Some(1))],
+        )]));
+        let mut fragments = routed.batches.remove(0).fragments;
+        fragments[0].spans[1].trace_state = "vendor=1".into();
+        let kept = Kept {
+            rule: RuleName::new("random"),
+            threshold: Threshold::from_th("8").unwrap(),
+        };
+        assert_eq!(annotate(&mut fragments, &kept), 2);
+        let s = &fragments[0].spans[1];
+        assert_eq!(s.trace_state, "ot=th:8,vendor=1");
+        let attr = |k: &str| {
+            s.attributes
+                .iter()
+                .find(|kv| kv.key == k)
+                .and_then(|kv| kv.value.clone())
+        };
+        assert_eq!(
+            attr(RULE_ATTRIBUTE).and_then(|v| v.value),
+            Some(Value::StringValue("random".into()))
+        );
+        assert_eq!(
+            attr(ADJUSTED_COUNT_ATTRIBUTE).and_then(|v| v.value),
+            Some(Value::DoubleValue(2.0))
+        );
+    }
+}

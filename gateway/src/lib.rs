@@ -1,0 +1,25 @@
+//! A Tailgate gateway node.
+//!
+//! A span's path, one module per stage, top to bottom:
+//!
+//! 1. [`receive`]: OTLP over gRPC and HTTP, with admission control.
+//! 2. [`route`]: split a request into per-trace batches.
+//! 3. [`buffer`]: hold each trace until it is due.
+//! 4. [`decide`]: apply the sampling policy; remember decisions for late spans.
+//! 5. [`publish`]: the outbox and the RabbitMQ publisher with confirms.
+//!
+//! [`pipeline`] conducts stages 2 to 5 for each request, [`node`] starts
+//! everything and shuts it down in order, [`admin`] serves metrics and
+//! health, and [`config`] turns the YAML file into checked settings.
+
+pub mod buffer;
+pub mod decide;
+pub mod publish;
+pub mod receive;
+pub mod route;
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod node;
+pub mod pipeline;

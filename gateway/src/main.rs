@@ -1,0 +1,91 @@
+//! The `tailgate` command.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use tailgate_gateway::{config::RawConfig, node};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "tailgate", version, about = "Tail-sampling trace gateway")]
+struct Cli {
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        env = "TAILGATE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a gateway node: receive OTLP, buffer whole traces, publish kept ones to RabbitMQ.
+    Gateway {
+        /// YAML configuration file; every key can be overridden by TAILGATE_<SECTION>__<KEY>.
+        #[arg(long, env = "TAILGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Validate the configuration, print it, and exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        // Without a SIGTERM handler, Ctrl-C still stops the node cleanly.
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Gateway {
+            config,
+            check_config,
+        } => {
+            let raw = RawConfig::load(config.as_deref(), std::env::vars())?;
+            let cfg = raw.validate()?;
+            if check_config {
+                println!("configuration is valid");
+                println!("{cfg:#?}");
+                return Ok(());
+            }
+            init_logging(cli.log_format);
+            node::run(cfg, shutdown_signal())
+                .await
+                .context("gateway node failed")
+        }
+    }
+}

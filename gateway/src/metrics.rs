@@ -1,0 +1,287 @@
+//! Prometheus metrics of a gateway node.
+//!
+//! Counters are named `tailgate_<what>_<unit>_total` (the `_total` suffix is
+//! added by the client library). Every span that is not kept is counted in
+//! `tailgate_spans_dropped_total` with the reason.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Why a span was not kept.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DropReason {
+    /// The sampling policy dropped its trace.
+    Policy,
+    /// A late span of a trace that was already dropped.
+    LateSpanOfDroppedTrace,
+    /// Rejected in `partial_success`: no valid trace or span ID.
+    InvalidSpan,
+    /// Kept, but still unconfirmed by the broker when the shutdown grace period ended.
+    ShutdownUnpublished,
+}
+
+impl DropReason {
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::Policy => "policy",
+            DropReason::LateSpanOfDroppedTrace => "late_span_of_dropped_trace",
+            DropReason::InvalidSpan => "invalid_span",
+            DropReason::ShutdownUnpublished => "shutdown_unpublished",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Protocol {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestOutcome {
+    protocol: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionRule {
+    decision: &'static str,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Trigger {
+    trigger: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Decision {
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    received_spans: Family<Protocol, Counter>,
+    requests: Family<RequestOutcome, Counter>,
+    dropped_spans: Family<Reason, Counter>,
+    decided_traces: Family<DecisionRule, Counter>,
+    decision_triggers: Family<Trigger, Counter>,
+    late_spans: Family<Decision, Counter>,
+    published_messages: Family<Outcome, Counter>,
+    published_spans: Counter,
+    broker_connection_errors: Counter,
+    pub buffer_traces: Gauge,
+    pub buffer_bytes: Gauge,
+    pub outbox_messages: Gauge,
+    pub outbox_bytes: Gauge,
+    pub decision_cache_entries: Gauge,
+    pub broker_connected: Gauge,
+    decision_latency: Histogram,
+    publish_latency: Histogram,
+}
+
+/// Latency buckets from 5 ms to about 82 s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 15)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::default(),
+            received_spans: Family::default(),
+            requests: Family::default(),
+            dropped_spans: Family::default(),
+            decided_traces: Family::default(),
+            decision_triggers: Family::default(),
+            late_spans: Family::default(),
+            published_messages: Family::default(),
+            published_spans: Counter::default(),
+            broker_connection_errors: Counter::default(),
+            buffer_traces: Gauge::default(),
+            buffer_bytes: Gauge::default(),
+            outbox_messages: Gauge::default(),
+            outbox_bytes: Gauge::default(),
+            decision_cache_entries: Gauge::default(),
+            broker_connected: Gauge::default(),
+            decision_latency: Histogram::new(latency_buckets()),
+            publish_latency: Histogram::new(latency_buckets()),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "tailgate_received_spans",
+            "Spans accepted from clients, by protocol (grpc, http_protobuf, http_json)",
+            m.received_spans.clone(),
+        );
+        r.register(
+            "tailgate_receiver_requests",
+            "Export requests by protocol and outcome (ok, partial, invalid, too_large, pushback, unsupported)",
+            m.requests.clone(),
+        );
+        r.register(
+            "tailgate_spans_dropped",
+            "Spans not kept, by reason",
+            m.dropped_spans.clone(),
+        );
+        r.register(
+            "tailgate_traces_decided",
+            "Traces decided, by decision (keep, drop) and rule",
+            m.decided_traces.clone(),
+        );
+        r.register(
+            "tailgate_decision_triggers",
+            "What made a trace due for its decision (root_wait, timeout, span_limit, byte_limit, memory_pressure, shutdown)",
+            m.decision_triggers.clone(),
+        );
+        r.register(
+            "tailgate_late_spans",
+            "Spans that arrived after their trace was decided, by that decision",
+            m.late_spans.clone(),
+        );
+        r.register(
+            "tailgate_published_messages",
+            "Publish attempts by broker outcome (ack, nack, returned, failed); nacked, returned and failed ones are retried",
+            m.published_messages.clone(),
+        );
+        r.register(
+            "tailgate_published_spans",
+            "Spans in messages the broker confirmed",
+            m.published_spans.clone(),
+        );
+        r.register(
+            "tailgate_broker_connection_errors",
+            "Failed or lost broker connections",
+            m.broker_connection_errors.clone(),
+        );
+        r.register(
+            "tailgate_buffer_traces",
+            "Traces waiting for their decision",
+            m.buffer_traces.clone(),
+        );
+        r.register(
+            "tailgate_buffer_bytes",
+            "Encoded OTLP bytes of buffered spans",
+            m.buffer_bytes.clone(),
+        );
+        r.register(
+            "tailgate_outbox_messages",
+            "Kept-trace messages not yet confirmed by the broker",
+            m.outbox_messages.clone(),
+        );
+        r.register(
+            "tailgate_outbox_bytes",
+            "Bytes of kept-trace messages not yet confirmed by the broker",
+            m.outbox_bytes.clone(),
+        );
+        r.register(
+            "tailgate_decision_cache_entries",
+            "Remembered decisions, for late spans",
+            m.decision_cache_entries.clone(),
+        );
+        r.register(
+            "tailgate_broker_connected",
+            "1 while the publisher has a confirmed channel to the broker",
+            m.broker_connected.clone(),
+        );
+        r.register(
+            "tailgate_decision_latency_seconds",
+            "From the root span's arrival (the first span's, if no root came) to the decision",
+            m.decision_latency.clone(),
+        );
+        r.register(
+            "tailgate_publish_latency_seconds",
+            "From the root span's arrival (the first span's, if no root came) to the broker's confirm of the kept trace",
+            m.publish_latency.clone(),
+        );
+        m
+    }
+
+    pub fn received(&self, protocol: &'static str, spans: usize) {
+        self.received_spans
+            .get_or_create(&Protocol { protocol })
+            .inc_by(spans as u64);
+    }
+
+    pub fn request(&self, protocol: &'static str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestOutcome { protocol, outcome })
+            .inc();
+    }
+
+    pub fn dropped(&self, reason: DropReason, spans: usize) {
+        self.dropped_spans
+            .get_or_create(&Reason {
+                reason: reason.label(),
+            })
+            .inc_by(spans as u64);
+    }
+
+    pub fn decided(&self, keep: bool, rule: &str, trigger: &'static str, latency_secs: f64) {
+        let decision = if keep { "keep" } else { "drop" };
+        self.decided_traces
+            .get_or_create(&DecisionRule {
+                decision,
+                rule: rule.to_owned(),
+            })
+            .inc();
+        self.decision_triggers
+            .get_or_create(&Trigger { trigger })
+            .inc();
+        self.decision_latency.observe(latency_secs);
+    }
+
+    pub fn late(&self, keep: bool, spans: usize) {
+        let decision = if keep { "keep" } else { "drop" };
+        self.late_spans
+            .get_or_create(&Decision { decision })
+            .inc_by(spans as u64);
+    }
+
+    pub fn publish_outcome(&self, outcome: &'static str) {
+        self.published_messages
+            .get_or_create(&Outcome { outcome })
+            .inc();
+    }
+
+    pub fn confirmed(&self, spans: usize, latency_secs: f64) {
+        self.publish_outcome("ack");
+        self.published_spans.inc_by(spans as u64);
+        self.publish_latency.observe(latency_secs);
+    }
+
+    pub fn broker_connection_error(&self) {
+        self.broker_connection_errors.inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}

@@ -1,0 +1,163 @@
+//! One gateway node: binds the ports, starts every stage, and shuts down in
+//! order (stop accepting, decide every buffered trace, drain the outbox).
+
+use crate::{
+    admin,
+    config::Config,
+    metrics::{DropReason, Metrics},
+    pipeline::Pipeline,
+    publish::{Outbox, amqp},
+    receive,
+};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::{error, info};
+
+/// How often due traces are looked for. Decisions are late by at most this.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what} server failed: {message}")]
+    Serve { what: &'static str, message: String },
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { what, addr, source })
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+}
+
+/// Runs a gateway node until `shutdown` resolves, then flushes and returns.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    let grpc_listener = bind("OTLP/gRPC", cfg.receiver.grpc_listen).await?;
+    let http_listener = bind("OTLP/HTTP", cfg.receiver.http_listen).await?;
+    let admin_listener = bind("admin", cfg.admin_listen).await?;
+    // Tests and operators read the actual ports here (a configured port 0 is picked by the OS).
+    info!(
+        grpc = %local(&grpc_listener),
+        http = %local(&http_listener),
+        admin = %local(&admin_listener),
+        exchange = %cfg.rabbitmq.exchange,
+        "tailgate gateway ready"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let outbox = Arc::new(Outbox::new(cfg.rabbitmq.outbox_max_bytes.get()));
+    let pipeline = Arc::new(Pipeline::new(
+        &cfg,
+        Arc::clone(&metrics),
+        Arc::clone(&outbox),
+    ));
+    let max_request = cfg.receiver.max_request_bytes.get();
+
+    let publisher = tokio::spawn(amqp::run(
+        cfg.rabbitmq.clone(),
+        Arc::clone(&outbox),
+        Arc::clone(&metrics),
+    ));
+    let sweeper = {
+        let pipeline = Arc::clone(&pipeline);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                pipeline.sweep();
+            }
+        })
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let grpc_service =
+        receive::grpc::TraceService::new(Arc::clone(&pipeline), Arc::clone(&metrics), max_request);
+    let grpc: JoinHandle<Result<(), NodeError>> = tokio::spawn({
+        let stopped = stopped();
+        async move {
+            tonic::transport::Server::builder()
+                .add_service(grpc_service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(grpc_listener),
+                    stopped,
+                )
+                .await
+                .map_err(|e| NodeError::Serve {
+                    what: "OTLP/gRPC",
+                    message: e.to_string(),
+                })
+        }
+    });
+    let http_router =
+        receive::http::router(Arc::clone(&pipeline), Arc::clone(&metrics), max_request);
+    let http = serve("OTLP/HTTP", http_listener, http_router, stopped());
+    let admin_router = admin::router(Arc::clone(&pipeline), Arc::clone(&metrics));
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let admin = serve("admin", admin_listener, admin_router, async move {
+        let mut rx = admin_stop_rx;
+        let _ = rx.wait_for(|stop| *stop).await;
+    });
+
+    shutdown.await;
+    info!("shutting down: refusing new requests, deciding buffered traces, draining the outbox");
+    let _ = stop_tx.send(true);
+    for (what, server) in [("OTLP/gRPC", grpc), ("OTLP/HTTP", http)] {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "{what} server failed"),
+            Err(e) => error!(error = %e, "{what} server task failed"),
+        }
+    }
+    sweeper.abort();
+    pipeline.close();
+    let waiting = outbox.messages();
+    let drained = tokio::time::timeout(cfg.shutdown_grace, outbox.drained())
+        .await
+        .is_ok();
+    publisher.abort();
+    if drained {
+        info!(messages = waiting, "outbox drained; exiting");
+    } else {
+        let spans = outbox.spans();
+        metrics.dropped(DropReason::ShutdownUnpublished, spans);
+        error!(messages = outbox.messages(), spans, grace = ?cfg.shutdown_grace, "shutdown grace period over with kept traces unconfirmed by the broker; they are lost");
+    }
+    let _ = admin_stop_tx.send(true);
+    let _ = admin.await;
+    Ok(())
+}
+
+fn serve(
+    what: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<Result<(), NodeError>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stopped)
+            .await
+            .map_err(|e| NodeError::Serve {
+                what,
+                message: e.to_string(),
+            })
+    })
+}

@@ -1,0 +1,299 @@
+//! The span path of one node, stage by stage: receivers call
+//! [`Pipeline::ingest`], which routes the request into per-trace batches,
+//! buffers them, and decides traces that are due; a sweeper task calls
+//! [`Pipeline::sweep`] for traces whose wait is over. Kept traces go to the
+//! outbox, which the publisher drains.
+//!
+//! Admission control lives here too: a request is refused (retryably) rather
+//! than accepted and lost when the outbox is full or the buffer cannot make
+//! room by deciding its oldest traces early.
+
+use crate::{
+    buffer::{Added, Buffer, Ticket, Trigger},
+    config::Config,
+    decide::{Decider, cache::DecisionCache},
+    metrics::{DropReason, Metrics},
+    publish::Outbox,
+    route::split_by_trace,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+use tailgate_sampling_rules::DefaultPolicy;
+use tokio::time::Instant;
+
+/// Why a request was refused. Every kind is retryable by the client.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("the trace buffer is full; retry later")]
+    BufferFull { retry_after: Duration },
+    #[error("kept traces are waiting for the broker and the outbox is full; retry later")]
+    OutboxFull { retry_after: Duration },
+    #[error("this node is shutting down; send to another node")]
+    ShuttingDown { retry_after: Duration },
+}
+
+impl Refusal {
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Refusal::BufferFull { retry_after }
+            | Refusal::OutboxFull { retry_after }
+            | Refusal::ShuttingDown { retry_after } => *retry_after,
+        }
+    }
+}
+
+/// What happened to an accepted request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub spans: usize,
+    /// Spans refused for invalid IDs (OTLP `partial_success`).
+    pub rejected_spans: usize,
+    pub rejection: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    buffer: Buffer,
+    decider: Decider,
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    max_buffer_bytes: usize,
+    retry_after: Duration,
+    closing: AtomicBool,
+}
+
+impl Pipeline {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>, outbox: Arc<Outbox>) -> Self {
+        let policy = DefaultPolicy::new(cfg.policy.slow_threshold, cfg.policy.random_share);
+        let cache = DecisionCache::new(&cfg.decision_cache);
+        Self {
+            buffer: Buffer::new(&cfg.buffer),
+            decider: Decider::new(policy, cache, Arc::clone(&metrics), Arc::clone(&outbox)),
+            outbox,
+            metrics,
+            max_buffer_bytes: cfg.buffer.max_buffer_bytes.get(),
+            retry_after: cfg.receiver.retry_after,
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// Accepts one export request, or refuses it whole so the client retries.
+    pub fn ingest(
+        &self,
+        request: ExportTraceServiceRequest,
+        protocol: &'static str,
+    ) -> Result<Accepted, Refusal> {
+        let retry_after = self.retry_after;
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(Refusal::ShuttingDown { retry_after });
+        }
+        if self.outbox.is_full() {
+            return Err(Refusal::OutboxFull { retry_after });
+        }
+        let routed = split_by_trace(request);
+        let now = Instant::now();
+        // Make room by deciding the oldest traces early; only if that cannot
+        // free enough is the request refused.
+        while self.buffer.bytes() + routed.bytes > self.max_buffer_bytes {
+            let Some(oldest) = self.buffer.oldest() else {
+                break;
+            };
+            self.decide(oldest, Trigger::MemoryPressure, now);
+        }
+        if self.buffer.bytes() + routed.bytes > self.max_buffer_bytes {
+            return Err(Refusal::BufferFull { retry_after });
+        }
+        self.metrics.received(protocol, routed.span_count);
+        if routed.rejected > 0 {
+            self.metrics
+                .dropped(DropReason::InvalidSpan, routed.rejected);
+        }
+        let accepted = Accepted {
+            spans: routed.span_count,
+            rejected_spans: routed.rejected,
+            rejection: routed.rejection,
+        };
+        for batch in routed.batches {
+            match self
+                .buffer
+                .add(batch, now, |id| self.decider.cache().get(id))
+            {
+                Added::Buffered => {}
+                Added::Due(ticket, trigger) => self.decide(ticket, trigger, now),
+                Added::Late(batch, verdict) => self.decider.late(batch, &verdict, now),
+            }
+        }
+        Ok(accepted)
+    }
+
+    fn decide(&self, ticket: Ticket, trigger: Trigger, now: Instant) {
+        let Some(trace) = self.buffer.take(ticket) else {
+            return;
+        };
+        let verdict = self.decider.decide(trace, trigger, now);
+        for batch in self.buffer.finish(&ticket.trace_id) {
+            self.decider.late(batch, &verdict, now);
+        }
+    }
+
+    /// Decides every trace whose wait is over and forgets expired decisions.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for (ticket, trigger) in self.buffer.due(now) {
+            self.decide(ticket, trigger, now);
+        }
+        self.decider.cache().expire(now);
+        self.update_gauges();
+    }
+
+    /// Stops accepting, then decides every buffered trace (the shutdown flush).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        for ticket in self.buffer.all() {
+            self.decide(ticket, Trigger::Shutdown, now);
+        }
+        self.update_gauges();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    /// True while requests would be refused for lack of room.
+    pub fn is_shedding(&self) -> bool {
+        self.outbox.is_full() || self.buffer.bytes() >= self.max_buffer_bytes
+    }
+
+    pub fn update_gauges(&self) {
+        let m = &self.metrics;
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        m.buffer_traces.set(gauge(self.buffer.traces()));
+        m.buffer_bytes.set(gauge(self.buffer.bytes()));
+        m.outbox_messages.set(gauge(self.outbox.messages()));
+        m.outbox_bytes.set(gauge(self.outbox.bytes()));
+        m.decision_cache_entries
+            .set(gauge(self.decider.cache().len()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::RawConfig,
+        route::tests::{request, span},
+    };
+    use opentelemetry_proto::tonic::trace::v1::{Status, status::StatusCode};
+
+    fn pipeline(
+        max_buffer_bytes: usize,
+        outbox_bytes: usize,
+    ) -> (Pipeline, Arc<Outbox>, Arc<Metrics>) {
+        let mut raw = RawConfig::default();
+        raw.buffer.max_buffer_bytes = max_buffer_bytes;
+        raw.policy.random_share = 0.0;
+        let cfg = raw.validate().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let outbox = Arc::new(Outbox::new(outbox_bytes));
+        (
+            Pipeline::new(&cfg, Arc::clone(&metrics), Arc::clone(&outbox)),
+            outbox,
+            metrics,
+        )
+    }
+
+    fn error_span(trace: u8) -> opentelemetry_proto::tonic::trace::v1::Span {
+        let mut s = span(trace, 1, None);
+        s.status = Some(Status {
+            code: StatusCode::Error as i32,
+            message: "boom".into(),
+        });
+        s
+    }
+
+    /// An error trace is kept when its root wait is over; a late span of it
+    /// is published as its own message; a normal trace is dropped and counted.
+    #[tokio::test(start_paused = true)]
+    async fn decides_after_root_wait() {
+        let (p, outbox, metrics) = pipeline(1 << 20, 1 << 20);
+        p.ingest(
+            request(vec![("shop-api", vec![error_span(1), span(2, 1, None)])]),
+            "test",
+        )
+        .unwrap();
+        p.sweep();
+        assert_eq!(outbox.messages(), 0, "decided before decision_wait");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        p.sweep();
+        assert_eq!(outbox.messages(), 1);
+        p.ingest(
+            request(vec![(
+                "crm-api",
+                vec![span(1, 2, Some(1)), span(2, 2, Some(1))],
+            )]),
+            "test",
+        )
+        .unwrap();
+        assert_eq!(
+            outbox.messages(),
+            2,
+            "late span of a kept trace is published at once"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("tailgate_spans_dropped_total{reason=\"policy\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tailgate_spans_dropped_total{reason=\"late_span_of_dropped_trace\"} 1"),
+            "{text}"
+        );
+    }
+
+    /// When the buffer is full the oldest traces are decided early; a full
+    /// outbox refuses requests retryably instead of dropping them.
+    #[tokio::test(start_paused = true)]
+    async fn memory_pressure_then_pushback() {
+        let one = split_by_trace(request(vec![("a", vec![error_span(1)])])).bytes;
+        let (p, outbox, metrics) = pipeline(2 * one, 1);
+        p.ingest(request(vec![("a", vec![error_span(1)])]), "test")
+            .unwrap();
+        p.ingest(request(vec![("a", vec![error_span(2)])]), "test")
+            .unwrap();
+        p.ingest(request(vec![("a", vec![error_span(3)])]), "test")
+            .unwrap();
+        assert!(
+            metrics
+                .encode()
+                .contains("tailgate_decision_triggers_total{trigger=\"memory_pressure\"} 1")
+        );
+        assert_eq!(outbox.messages(), 1);
+        let refused = p.ingest(request(vec![("a", vec![error_span(4)])]), "test");
+        assert!(matches!(refused, Err(Refusal::OutboxFull { .. })));
+        assert!(p.is_shedding());
+    }
+
+    /// Closing decides every buffered trace, and later requests are refused.
+    #[tokio::test(start_paused = true)]
+    async fn close_flushes() {
+        let (p, outbox, _) = pipeline(1 << 20, 1 << 20);
+        p.ingest(
+            request(vec![("a", vec![error_span(1), error_span(2)])]),
+            "test",
+        )
+        .unwrap();
+        p.close();
+        assert_eq!(outbox.messages(), 2);
+        assert!(matches!(
+            p.ingest(request(vec![("a", vec![error_span(3)])]), "test"),
+            Err(Refusal::ShuttingDown { .. })
+        ));
+    }
+}
