@@ -1,0 +1,548 @@
+//! One gateway node end to end: OTLP in, buffer, decide, RabbitMQ out.
+//! Every test runs a real `tailgate gateway` process against the real
+//! broker, with an exchange and queue of its own.
+
+// Test code reports failures by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceResponse, common::v1::any_value::Value,
+};
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use support::{
+    amqp_url,
+    broker::{Proxy, Received, TestQueue},
+    gateway::Gateway,
+    otlp::{self, hex, order_trace, trace_id},
+};
+
+fn attr(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.clone()?.value)
+}
+
+/// An error trace sent over each protocol (gRPC, HTTP protobuf, HTTP JSON)
+/// is kept: one persistent protobuf message per trace with all its spans,
+/// the decision on every span, and the headers the ingester relies on.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_protocol_is_accepted_and_kept_traces_are_published() {
+    let mut q = TestQueue::new("protocols").await;
+    let gw = Gateway::start(&amqp_url(), &q.exchange, &[]);
+
+    let ids: Vec<[u8; 16]> = (0..3).map(|n| trace_id(1, n)).collect();
+    let reqs: Vec<_> = ids
+        .iter()
+        .map(|id| otlp::request(&order_trace(*id, 50, Some("PRICE_CALCULATED failed"))))
+        .collect();
+    let grpc = otlp::send_grpc(&gw.grpc_url(), reqs[0].clone())
+        .await
+        .expect("grpc export");
+    assert_eq!(grpc.partial_success, None);
+    let http = otlp::send_http_protobuf(&gw.http_url(), &reqs[1]).await;
+    assert_eq!(http.status(), 200);
+    assert_eq!(http.headers()["content-type"], "application/x-protobuf");
+    ExportTraceServiceResponse::decode(http.bytes().await.unwrap()).expect("protobuf answer");
+    let json = otlp::send_http_json(&gw.http_url(), &reqs[2]).await;
+    assert_eq!(json.status(), 200);
+    assert_eq!(json.headers()["content-type"], "application/json");
+
+    let mut got: BTreeMap<String, Received> = BTreeMap::new();
+    for m in q.take(3).await {
+        got.insert(m.trace_id(), m);
+    }
+    for id in &ids {
+        let m = &got[&hex(id)];
+        assert_eq!(m.spans().len(), 3, "all spans in one message");
+        assert_eq!(m.routing_key, "traces.error.shop-api");
+        assert_eq!(m.content_type, "application/x-protobuf");
+        assert!(m.persistent);
+        assert!(!m.message_id.is_empty());
+        assert_eq!(m.header("sampling_rule").as_deref(), Some("error"));
+        assert_eq!(m.header("adjusted_count").as_deref(), Some("1"));
+        assert_eq!(m.header("span_count").as_deref(), Some("3"));
+        assert_eq!(m.header("root_service").as_deref(), Some("shop-api"));
+        let services: BTreeSet<String> = m
+            .request
+            .resource_spans
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .flat_map(|r| &r.attributes)
+            .filter(|kv| kv.key == "service.name")
+            .filter_map(|kv| match kv.value.clone()?.value? {
+                Value::StringValue(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(services.len(), 3, "resources kept: {services:?}");
+        for span in m.spans() {
+            assert_eq!(
+                attr(span, "sampling.rule"),
+                Some(Value::StringValue("error".into()))
+            );
+            assert_eq!(
+                attr(span, "sampling.adjusted_count"),
+                Some(Value::DoubleValue(1.0))
+            );
+            assert_eq!(span.trace_state, "ot=th:0");
+            assert!(attr(span, "order.id").is_some(), "span attributes kept");
+        }
+    }
+    for protocol in ["grpc", "http_protobuf", "http_json"] {
+        assert_eq!(
+            gw.metric("tailgate_received_spans_total", &[("protocol", protocol)])
+                .await,
+            3.0
+        );
+    }
+    q.delete().await;
+}
+
+/// Sends `n` normal (fast, error-free) traces plus one error and one slow
+/// trace, waits until all are decided and every kept one confirmed, and
+/// returns the kept trace IDs with their rule.
+async fn run_sampling(tag: &str, n: u64) -> BTreeMap<String, (String, String)> {
+    let mut q = TestQueue::new(tag).await;
+    let gw = Gateway::start(&amqp_url(), &q.exchange, &[]);
+    let mut traces: Vec<_> = (0..n)
+        .map(|i| order_trace(trace_id(42, i), 20, None))
+        .collect();
+    traces.push(order_trace(
+        trace_id(43, 0),
+        20,
+        Some("MANUFACTURING_APPROVED failed"),
+    ));
+    traces.push(order_trace(trace_id(43, 1), 1500, None));
+    for chunk in traces.chunks(100) {
+        let spans: Vec<_> = chunk.iter().flatten().cloned().collect();
+        let resp = otlp::send_http_protobuf(&gw.http_url(), &otlp::request(&spans)).await;
+        assert_eq!(resp.status(), 200);
+    }
+    let total = traces.len() as f64;
+    gw.wait_metric("tailgate_traces_decided_total", &[], total)
+        .await;
+    let kept = gw
+        .metric("tailgate_traces_decided_total", &[("decision", "keep")])
+        .await;
+    gw.wait_metric(
+        "tailgate_published_messages_total",
+        &[("outcome", "ack")],
+        kept,
+    )
+    .await;
+    let mut out = BTreeMap::new();
+    for m in q.take(kept as usize).await {
+        let rule = m.header("sampling_rule").unwrap();
+        let adjusted = m.header("adjusted_count").unwrap();
+        out.insert(m.trace_id(), (rule, adjusted));
+    }
+    assert_eq!(
+        gw.metric("tailgate_spans_dropped_total", &[("reason", "policy")])
+            .await,
+        (total - kept) * 3.0,
+        "every dropped span is counted"
+    );
+    q.delete().await;
+    out
+}
+
+/// The error trace and the slow trace are kept with their rule; of 2 000
+/// normal traces the kept share is within binomial bounds of 5%, each
+/// with adjusted count ≈ 20; and a second node on the same input keeps
+/// exactly the same traces.
+#[tokio::test(flavor = "multi_thread")]
+async fn default_policy_keeps_errors_slow_and_a_consistent_share() {
+    let n = 2000;
+    let first = run_sampling("sampling-a", n).await;
+    assert_eq!(first[&hex(&trace_id(43, 0))].0, "error");
+    assert_eq!(first[&hex(&trace_id(43, 1))].0, "slow");
+    let random: Vec<_> = first
+        .values()
+        .filter(|(rule, _)| rule == "random")
+        .collect();
+    // n·p = 100, σ ≈ 9.7: ±4σ.
+    assert!(
+        (61..=139).contains(&random.len()),
+        "kept {} of {n}",
+        random.len()
+    );
+    for (_, adjusted) in &random {
+        let a: f64 = adjusted.parse().unwrap();
+        assert!((a - 20.0).abs() < 0.01, "adjusted count {a}");
+    }
+    let second = run_sampling("sampling-b", n).await;
+    assert_eq!(first, second, "decisions depend only on the traces");
+}
+
+/// Spans of one trace sent in three requests, over two protocols, come out
+/// as one message holding all of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_sent_in_several_requests_come_out_together() {
+    let mut q = TestQueue::new("assembly").await;
+    let gw = Gateway::start(&amqp_url(), &q.exchange, &[]);
+    let id = trace_id(7, 1);
+    let spans = order_trace(id, 30, Some("MES DB timeout"));
+    // Children first, root last: the root wait starts only when the root arrives.
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans[2..3]))
+        .await
+        .unwrap();
+    assert_eq!(
+        otlp::send_http_json(&gw.http_url(), &otlp::request(&spans[1..2]))
+            .await
+            .status(),
+        200
+    );
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans[0..1]))
+        .await
+        .unwrap();
+    let m = q.next().await.expect("kept trace");
+    assert_eq!(m.trace_id(), hex(&id));
+    let mut ids: Vec<u8> = m.spans().iter().map(|s| s.span_id[0]).collect();
+    ids.sort();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!(gw.metric("tailgate_traces_decided_total", &[]).await, 1.0);
+    q.delete().await;
+}
+
+/// A late span of a kept trace is published at once with the same
+/// decision; a late span of a dropped trace is dropped and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn late_spans_follow_the_decision() {
+    let mut q = TestQueue::new("late").await;
+    let gw = Gateway::start(
+        &amqp_url(),
+        &q.exchange,
+        &[("TAILGATE_POLICY__RANDOM_SHARE", "0")],
+    );
+    let kept_id = trace_id(9, 1);
+    let dropped_id = trace_id(9, 2);
+    let kept = order_trace(kept_id, 10, Some("failed"));
+    let dropped = order_trace(dropped_id, 10, None);
+    // Root and error span of one trace, root and child of the other; the
+    // third span of each comes after the decisions.
+    let first = vec![
+        kept[0].clone(),
+        kept[2].clone(),
+        dropped[0].clone(),
+        dropped[1].clone(),
+    ];
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&first))
+        .await
+        .unwrap();
+    let m = q.next().await.expect("kept trace");
+    assert_eq!(m.trace_id(), hex(&kept_id));
+    assert_eq!(m.spans().len(), 2);
+    gw.wait_metric("tailgate_traces_decided_total", &[], 2.0)
+        .await;
+
+    otlp::send_grpc(
+        &gw.grpc_url(),
+        otlp::request(&[kept[1].clone(), dropped[2].clone()]),
+    )
+    .await
+    .unwrap();
+    let late = q.next().await.expect("late span published");
+    assert_eq!(late.trace_id(), hex(&kept_id));
+    assert_ne!(late.message_id, m.message_id);
+    assert_eq!(late.header("sampling_rule").as_deref(), Some("error"));
+    assert_eq!(late.routing_key, "traces.error.shop-api");
+    assert_eq!(late.spans().len(), 1);
+    assert_eq!(late.spans()[0].span_id, vec![2; 8]);
+    assert_eq!(
+        attr(late.spans()[0], "sampling.rule"),
+        Some(Value::StringValue("error".into()))
+    );
+    gw.wait_metric(
+        "tailgate_spans_dropped_total",
+        &[("reason", "late_span_of_dropped_trace")],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("tailgate_late_spans_total", &[("decision", "keep")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("tailgate_late_spans_total", &[("decision", "drop")])
+            .await,
+        1.0
+    );
+    q.delete().await;
+}
+
+/// Malformed and oversized requests get the OTLP status and a message
+/// saying what was wrong, over both protocols; spans with invalid IDs are
+/// rejected through `partial_success` while the rest of the request is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_clear_errors() {
+    let mut q = TestQueue::new("bad").await;
+    let gw = Gateway::start(
+        &amqp_url(),
+        &q.exchange,
+        &[("TAILGATE_RECEIVER__MAX_REQUEST_BYTES", "4096")],
+    );
+    let client = reqwest::Client::new();
+    let post = |ct: &'static str, body: Vec<u8>| {
+        client
+            .post(gw.http_url())
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+
+    let garbage = post("application/x-protobuf", vec![0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+    let status = RpcStatus::decode(garbage.bytes().await.unwrap()).expect("google.rpc.Status body");
+    assert_eq!(status.code, 3);
+    assert!(
+        status.message.contains("malformed OTLP request"),
+        "{}",
+        status.message
+    );
+
+    let bad_json = post("application/json", b"{\"resourceSpans\": 5}".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(bad_json.status(), 400);
+    let body: serde_json::Value = serde_json::from_slice(&bad_json.bytes().await.unwrap()).unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("malformed"),
+        "{body}"
+    );
+
+    let big = post("application/x-protobuf", vec![0; 5000]).await.unwrap();
+    assert_eq!(big.status(), 413);
+    let status = RpcStatus::decode(big.bytes().await.unwrap()).unwrap();
+    assert!(status.message.contains("4096"), "{}", status.message);
+
+    // A small gzip body that expands past the limit is refused after decompression.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut gz, &[0u8; 100_000]).unwrap();
+    let bomb = client
+        .post(gw.http_url())
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(gz.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bomb.status(), 413);
+
+    assert_eq!(
+        post("text/plain", b"hi".to_vec()).await.unwrap().status(),
+        415
+    );
+
+    let err = otlp::send_grpc_raw(
+        &gw.grpc_url(),
+        bytes::Bytes::from_static(&[0xff, 0xff, 0xff]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("malformed OTLP request"), "{err:?}");
+    let err = otlp::send_grpc_raw(&gw.grpc_url(), bytes::Bytes::from(vec![0u8; 5000]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+
+    // One span with a 4-byte trace ID, next to a valid error trace.
+    let mut spans = order_trace(trace_id(11, 1), 5, Some("boom"));
+    let mut invalid = spans[1].clone();
+    invalid.span.trace_id = vec![1, 2, 3, 4];
+    spans.push(invalid);
+    let resp = otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    let partial = resp.partial_success.expect("partial_success");
+    assert_eq!(partial.rejected_spans, 1);
+    assert!(
+        partial.error_message.contains("trace_id"),
+        "{}",
+        partial.error_message
+    );
+    let m = q.next().await.expect("the valid trace is kept");
+    assert_eq!(m.spans().len(), 3);
+    assert_eq!(
+        gw.metric(
+            "tailgate_spans_dropped_total",
+            &[("reason", "invalid_span")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric(
+            "tailgate_receiver_requests_total",
+            &[("outcome", "invalid")]
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(
+        gw.metric(
+            "tailgate_receiver_requests_total",
+            &[("outcome", "too_large")]
+        )
+        .await,
+        3.0
+    );
+    q.delete().await;
+}
+
+/// `google.rpc.Status`, as OTLP/HTTP error bodies carry it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+/// The broker is unreachable when the gateway starts, and cut again
+/// mid-run: kept traces wait in the outbox (the node says it is not
+/// ready), requests are refused retryably once the outbox is full, and
+/// after the broker returns every kept trace arrives with all its spans.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_outages_lose_nothing() {
+    let mut q = TestQueue::new("outage").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap(), false).await;
+    let gw = Gateway::start(
+        &proxy.amqp_url(),
+        &q.exchange,
+        &[
+            ("TAILGATE_RABBITMQ__OUTBOX_MAX_BYTES", "20000"),
+            ("TAILGATE_RABBITMQ__CONFIRM_TIMEOUT_SECS", "2"),
+        ],
+    );
+    // Error traces, all kept; `sent` holds those the gateway accepted.
+    let batch = |round: u64| {
+        let ids: Vec<_> = (0..10).map(|i| trace_id(100 + round, i)).collect();
+        let spans: Vec<_> = ids
+            .iter()
+            .flat_map(|id| order_trace(*id, 5, Some("broker test")))
+            .collect();
+        (
+            ids.iter().map(|id| hex(id)).collect::<Vec<_>>(),
+            otlp::request(&spans),
+        )
+    };
+    let mut sent = BTreeSet::new();
+
+    // Down from the start.
+    assert_eq!(gw.ready_status().await, 503);
+    let (ids, req) = batch(0);
+    assert_eq!(
+        otlp::send_http_protobuf(&gw.http_url(), &req)
+            .await
+            .status(),
+        200
+    );
+    sent.extend(ids);
+    gw.wait_metric("tailgate_traces_decided_total", &[], 10.0)
+        .await;
+    // Fill the outbox until the node pushes back.
+    let mut round = 1;
+    let refused = loop {
+        let (ids, req) = batch(round);
+        let resp = otlp::send_http_protobuf(&gw.http_url(), &req).await;
+        if resp.status() != 200 {
+            break resp;
+        }
+        sent.extend(ids);
+        gw.wait_metric(
+            "tailgate_traces_decided_total",
+            &[],
+            10.0 * (round + 1) as f64,
+        )
+        .await;
+        round += 1;
+        assert!(round < 50, "outbox never filled");
+    };
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let err = otlp::send_grpc(&gw.grpc_url(), batch(round).1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(!err.details().is_empty(), "RetryInfo in the status details");
+
+    proxy.set(true);
+    gw.wait_metric("tailgate_broker_connected", &[], 1.0).await;
+    let first: Vec<Received> = q.take(sent.len()).await;
+    assert_eq!(gw.ready_status().await, 200);
+
+    // Cut mid-run, with traces in flight.
+    let errors = gw
+        .metric("tailgate_broker_connection_errors_total", &[])
+        .await;
+    proxy.set(false);
+    let before = sent.len();
+    let (ids, req) = batch(900);
+    assert_eq!(
+        otlp::send_http_protobuf(&gw.http_url(), &req)
+            .await
+            .status(),
+        200
+    );
+    sent.extend(ids);
+    gw.wait_metric("tailgate_broker_connection_errors_total", &[], errors + 1.0)
+        .await;
+    proxy.set(true);
+    let second = q.take(sent.len() - before).await;
+
+    let mut got = BTreeMap::new();
+    for m in first.into_iter().chain(second) {
+        assert_eq!(m.spans().len(), 3, "kept trace complete");
+        got.entry(m.trace_id())
+            .or_insert_with(BTreeSet::new)
+            .insert(m.message_id.clone());
+    }
+    let got_ids: BTreeSet<String> = got.keys().cloned().collect();
+    assert_eq!(got_ids, sent, "every accepted kept trace arrived");
+    assert!(
+        got.values().all(|ids| ids.len() == 1),
+        "a republished message keeps its message_id"
+    );
+    q.delete().await;
+}
+
+/// SIGTERM makes the node decide every buffered trace at once and publish
+/// the kept ones before it exits, although their wait is far from over.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_flushes_buffered_traces() {
+    let mut q = TestQueue::new("sigterm").await;
+    let gw = Gateway::start(
+        &amqp_url(),
+        &q.exchange,
+        &[
+            ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "600"),
+            ("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "600"),
+        ],
+    );
+    gw.wait_metric("tailgate_broker_connected", &[], 1.0).await;
+    let ids: Vec<_> = (0..20).map(|i| trace_id(77, i)).collect();
+    let spans: Vec<_> = ids
+        .iter()
+        .flat_map(|id| order_trace(*id, 5, Some("flush me")))
+        .collect();
+    assert_eq!(
+        otlp::send_http_json(&gw.http_url(), &otlp::request(&spans))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(gw.metric("tailgate_buffer_traces", &[]).await, 20.0);
+    let status = gw.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let got: BTreeSet<String> = q.take(20).await.iter().map(Received::trace_id).collect();
+    assert_eq!(got, ids.iter().map(|id| hex(id)).collect());
+    q.delete().await;
+}

@@ -1,0 +1,224 @@
+//! A queue of the test's own on the real broker, and a TCP proxy in front
+//! of the broker that the test can switch off and on.
+
+use super::{PATIENCE, amqp_url, unique};
+use futures_util::StreamExt;
+use lapin::{
+    Connection, ConnectionProperties, Consumer, ExchangeKind,
+    options::{
+        BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest, trace::v1::Span,
+};
+use prost::Message;
+use std::net::SocketAddr;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+/// A message the gateway published.
+#[derive(Debug)]
+pub struct Received {
+    pub routing_key: String,
+    pub message_id: String,
+    pub content_type: String,
+    pub persistent: bool,
+    pub headers: FieldTable,
+    pub request: ExportTraceServiceRequest,
+}
+
+impl Received {
+    pub fn header(&self, key: &str) -> Option<String> {
+        self.headers.inner().get(key).map(|v| match v {
+            AMQPValue::LongString(s) => s.to_string(),
+            AMQPValue::LongLongInt(n) => n.to_string(),
+            AMQPValue::Double(d) => d.to_string(),
+            other => format!("{other:?}"),
+        })
+    }
+
+    pub fn spans(&self) -> Vec<&Span> {
+        self.request
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .collect()
+    }
+
+    pub fn trace_id(&self) -> String {
+        self.header("trace_id").expect("trace_id header")
+    }
+}
+
+/// An exchange and a queue bound to it with `traces.#`, both unique to one test.
+pub struct TestQueue {
+    _connection: Connection,
+    channel: lapin::Channel,
+    pub exchange: String,
+    consumer: Consumer,
+}
+
+impl TestQueue {
+    pub async fn new(tag: &str) -> Self {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ (see README: the test command starts it)");
+        let channel = connection.create_channel().await.expect("channel");
+        let exchange = unique(tag);
+        // Declared exactly as the gateway declares it.
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+        let queue = format!("{exchange}.q");
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "traces.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        Self {
+            _connection: connection,
+            channel,
+            exchange,
+            consumer,
+        }
+    }
+
+    /// The next message, or `None` after `PATIENCE`.
+    pub async fn next(&mut self) -> Option<Received> {
+        let delivery = tokio::time::timeout(PATIENCE, self.consumer.next())
+            .await
+            .ok()??
+            .expect("delivery");
+        let props = &delivery.properties;
+        Some(Received {
+            routing_key: delivery.routing_key.to_string(),
+            message_id: props
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            content_type: props
+                .content_type()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            persistent: *props.delivery_mode() == Some(2),
+            headers: props.headers().clone().unwrap_or_default(),
+            request: ExportTraceServiceRequest::decode(delivery.data.as_slice())
+                .expect("message body is an OTLP ExportTraceServiceRequest"),
+        })
+    }
+
+    /// Exactly `n` messages; panics if they do not all come.
+    pub async fn take(&mut self, n: usize) -> Vec<Received> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.next().await {
+                Some(m) => out.push(m),
+                None => panic!("got {} of {n} messages", out.len()),
+            }
+        }
+        out
+    }
+
+    /// Removes the test's exchange (the queue goes with the connection).
+    pub async fn delete(self) {
+        let _ = self
+            .channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+}
+
+/// A TCP proxy to the broker. Switched off, it refuses new connections and
+/// cuts the open ones, as a broker outage or a network partition would.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    on: watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr, on: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (tx, rx) = watch::channel(on);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*rx.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let mut off = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = off.wait_for(|on| !*on) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, on: tx }
+    }
+
+    pub fn set(&self, on: bool) {
+        self.on.send_replace(on);
+    }
+
+    /// The AMQP URL through this proxy.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+}

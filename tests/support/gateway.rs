@@ -1,0 +1,183 @@
+//! A `tailgate gateway` child process on loopback ports picked by the OS.
+
+use super::PATIENCE;
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+fn field(line: &serde_json::Value, name: &str) -> Option<SocketAddr> {
+    line.get("fields")?.get(name)?.as_str()?.parse().ok()
+}
+
+impl Gateway {
+    /// Starts a node whose ports are all chosen by the OS, publishing to
+    /// `exchange` at `amqp_url`; `env` adds `TAILGATE_*` overrides.
+    pub fn start(amqp_url: &str, exchange: &str, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailgate"));
+        cmd.arg("gateway")
+            .env("TAILGATE_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env("TAILGATE_RECEIVER__GRPC_LISTEN", "127.0.0.1:0")
+            .env("TAILGATE_RECEIVER__HTTP_LISTEN", "127.0.0.1:0")
+            .env("TAILGATE_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("TAILGATE_RABBITMQ__URL", amqp_url)
+            .env("TAILGATE_RABBITMQ__EXCHANGE", exchange)
+            .env("TAILGATE_RABBITMQ__MAX_BACKOFF_SECS", "1")
+            .env("TAILGATE_BUFFER__DECISION_WAIT_SECS", "0.2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start tailgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let logs = Arc::clone(&logs);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                        let msg = json.get("fields").and_then(|f| f.get("message"));
+                        if msg.and_then(|m| m.as_str()) == Some("tailgate gateway ready") {
+                            let _ = ready_tx.send((
+                                field(&json, "grpc"),
+                                field(&json, "http"),
+                                field(&json, "admin"),
+                            ));
+                        }
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let ready = ready_rx.recv_timeout(PATIENCE);
+        let Ok((Some(grpc), Some(http), Some(admin))) = ready else {
+            let _ = child.kill();
+            panic!(
+                "gateway did not become ready: {:?}\n{}",
+                ready,
+                logs.lock().unwrap().join("\n")
+            );
+        };
+        Self {
+            child: Some(child),
+            grpc,
+            http,
+            admin,
+            logs,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}/v1/traces", self.http)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The `/metrics` exposition.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// Sum of every series of `name` whose labels contain all of `labels`
+    /// (`name{…}` lines; 0 when there is none).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sum_metric(&self.metrics().await, name, labels)
+    }
+
+    /// Polls `/metrics` until `name` reaches at least `want`.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let value = self.metric(name, labels).await;
+            if value >= want {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} stayed at {value}, wanted {want}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `GET /readyz` status code.
+    pub async fn ready_status(&self) -> u16 {
+        reqwest::get(format!("http://{}/readyz", self.admin))
+            .await
+            .expect("readyz")
+            .status()
+            .as_u16()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        rx.recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("gateway did not exit after SIGTERM\n{}", self.logs()))
+            .expect("wait")
+    }
+}
+
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
