@@ -546,3 +546,52 @@ async fn sigterm_flushes_buffered_traces() {
     assert_eq!(got, ids.iter().map(|id| hex(id)).collect());
     q.delete().await;
 }
+
+/// `tailgate gateway --check-config` accepts the shipped example and rejects
+/// a misspelt key with its file, line and column, without starting a node.
+#[test]
+fn check_config_validates_and_locates_errors() {
+    let bin = env!("CARGO_BIN_EXE_tailgate");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/gateway.yaml");
+    let ok = std::process::Command::new(bin)
+        .args(["gateway", "--check-config", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("configuration is valid"));
+
+    let dir = std::env::temp_dir().join(support::unique("config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "buffer:\n  decision_wait_secs: 2\n  max_bufer_bytes: 10\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["gateway", "--check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("bad.yaml"), "{stderr}");
+    assert!(stderr.contains("max_bufer_bytes"), "{stderr}");
+    assert!(
+        stderr.contains("3:3") || stderr.contains("line 3"),
+        "no location in {stderr}"
+    );
+
+    let env = std::process::Command::new(bin)
+        .args(["gateway", "--check-config"])
+        .env("TAILGATE_BUFFER__DECISION_WAIT_SECS", "soon")
+        .output()
+        .unwrap();
+    assert!(!env.status.success());
+    assert!(String::from_utf8_lossy(&env.stderr).contains("TAILGATE_BUFFER__DECISION_WAIT_SECS"));
+    std::fs::remove_dir_all(dir).unwrap();
+}

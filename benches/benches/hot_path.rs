@@ -1,0 +1,72 @@
+//! The gateway's hot path on one core: decode, route and buffer a request of
+//! 100 ten-span traces; decide and encode buffered traces. Raw prost
+//! decoding of the same bytes is the baseline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use std::{hint::black_box, sync::Arc};
+use tailgate_benches::request;
+use tailgate_gateway::{config::RawConfig, metrics::Metrics, pipeline::Pipeline, publish::Outbox};
+
+const TRACES: u64 = 100;
+const SPANS: u8 = 10;
+
+fn pipeline() -> Pipeline {
+    let cfg = RawConfig::default().validate().unwrap();
+    Pipeline::new(
+        &cfg,
+        Arc::new(Metrics::new()),
+        Arc::new(Outbox::new(usize::MAX)),
+    )
+}
+
+fn hot_path(c: &mut Criterion) {
+    let body = request(0, TRACES, SPANS).encode_to_vec();
+    let spans = TRACES * u64::from(SPANS);
+    eprintln!(
+        "corpus: {spans} spans in {} bytes ({} bytes per span)",
+        body.len(),
+        body.len() as u64 / spans
+    );
+    let mut g = c.benchmark_group("hot_path");
+    g.throughput(Throughput::Elements(spans));
+    g.bench_function("prost_decode", |b| {
+        b.iter(|| ExportTraceServiceRequest::decode(black_box(body.as_slice())).unwrap())
+    });
+    g.bench_function("decode_route_buffer", |b| {
+        b.iter_batched(
+            pipeline,
+            |p| {
+                let req = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+                p.ingest(req, "bench").unwrap();
+                p
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("decide_and_encode", |b| {
+        b.iter_batched(
+            || {
+                let p = pipeline();
+                p.ingest(
+                    ExportTraceServiceRequest::decode(body.as_slice()).unwrap(),
+                    "bench",
+                )
+                .unwrap();
+                p
+            },
+            |p| {
+                p.close();
+                p
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);

@@ -1,0 +1,197 @@
+//! Demo client for a running gateway: sends traces of the jewellery shop's
+//! order pipeline over OTLP/HTTP JSON, then shows which traces the gateway
+//! kept (read from its RabbitMQ exchange) and how many it dropped (from its
+//! metrics). Run by `scripts/demo`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../tests/support/otlp.rs"]
+#[allow(dead_code)]
+mod otlp;
+
+use clap::Parser;
+use futures_util::StreamExt;
+use lapin::{
+    Connection, ConnectionProperties, ExchangeKind,
+    options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use std::{collections::BTreeMap, time::Duration};
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value = "http://127.0.0.1:4318")]
+    http: String,
+    #[arg(long, default_value = "http://127.0.0.1:8888")]
+    admin: String,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
+    #[arg(long, default_value = "tailgate.traces")]
+    exchange: String,
+}
+
+async fn metric(admin: &str, series: &str) -> f64 {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+
+    // A queue of our own on the gateway's exchange, so we see what it publishes.
+    let conn = Connection::connect(&args.amqp, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            args.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+    let queue_name = queue.name().as_str().to_owned();
+    channel
+        .queue_bind(
+            queue_name.as_str().into(),
+            args.exchange.as_str().into(),
+            "traces.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut consumer = channel
+        .basic_consume(
+            queue_name.as_str().into(),
+            "".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // The story: most orders go through; one fails in the MES price
+    // calculation, one hangs on the MES database, the rest are routine.
+    let seed = std::process::id().into();
+    let mut stories: BTreeMap<String, &str> = BTreeMap::new();
+    let mut spans = Vec::new();
+    let failed = otlp::trace_id(seed, 0);
+    spans.extend(otlp::order_trace(
+        failed,
+        120,
+        Some("PRICE_CALCULATED not reached: MES returned 500"),
+    ));
+    stories.insert(otlp::hex(&failed), "order failed in MES price calculation");
+    let slow = otlp::trace_id(seed, 1);
+    spans.extend(otlp::order_trace(slow, 2400, None));
+    stories.insert(otlp::hex(&slow), "order hung 2.4 s on the MES database");
+    let routine = 60;
+    for n in 0..routine {
+        let id = otlp::trace_id(seed, 2 + n);
+        spans.extend(otlp::order_trace(id, 80, None));
+        stories.insert(otlp::hex(&id), "routine order");
+    }
+    let request: ExportTraceServiceRequest = otlp::request(&spans);
+    let total = stories.len();
+    let resp = otlp::send_http_json(&format!("{}/v1/traces", args.http), &request).await;
+    println!(
+        "Sent {total} order traces ({} spans: shop-api → crm-api → mes-api) over OTLP/HTTP JSON: HTTP {}",
+        spans.len(),
+        resp.status()
+    );
+
+    // Wait for every decision and every confirm, as reported by the gateway.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metric(&args.admin, "tailgate_traces_decided_total").await < total as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway did not decide in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept = metric(
+        &args.admin,
+        "tailgate_traces_decided_total{decision=\"keep\"",
+    )
+    .await as usize;
+    println!(
+        "\nKept {kept} of {total} traces; published to exchange {:?}:",
+        args.exchange
+    );
+    for _ in 0..kept {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("kept trace published")
+            .unwrap()
+            .unwrap();
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let header = |k: &str| match headers.inner().get(k) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            Some(AMQPValue::Double(d)) => format!("{d:.2}"),
+            Some(AMQPValue::LongLongInt(n)) => n.to_string(),
+            _ => "?".into(),
+        };
+        let body = ExportTraceServiceRequest::decode(delivery.data.as_slice()).unwrap();
+        let spans: usize = body
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        let trace = header("trace_id");
+        println!(
+            "  {trace}  rule={:<6} adjusted_count={:<6} spans={spans}  key={}  ({})",
+            header("sampling_rule"),
+            header("adjusted_count"),
+            delivery.routing_key,
+            stories.get(&trace).copied().unwrap_or("?"),
+        );
+    }
+    let dropped_traces = metric(
+        &args.admin,
+        "tailgate_traces_decided_total{decision=\"drop\"",
+    )
+    .await;
+    let dropped_spans = metric(
+        &args.admin,
+        "tailgate_spans_dropped_total{reason=\"policy\"",
+    )
+    .await;
+    println!(
+        "\nDropped {dropped_traces} routine traces ({dropped_spans} spans, counted in tailgate_spans_dropped_total{{reason=\"policy\"}})."
+    );
+    println!(
+        "Why: errors and traces slower than 1 s are always kept; of the rest, a consistent 5% (adjusted count 20)."
+    );
+}
