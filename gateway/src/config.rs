@@ -328,6 +328,12 @@ impl RawConfig {
                 "must not be shorter than buffer.decision_wait_secs",
             ));
         }
+        if r.max_request_bytes > b.max_buffer_bytes {
+            return Err(invalid(
+                "receiver.max_request_bytes",
+                "must not exceed buffer.max_buffer_bytes, or such a request could never be admitted",
+            ));
+        }
         if q.exchange.is_empty() {
             return Err(invalid(
                 "rabbitmq.exchange",
@@ -498,6 +504,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("receiver.grpc_listen")
+        );
+        let mut raw = RawConfig::default();
+        raw.receiver.max_request_bytes = 2 << 30;
+        assert!(
+            raw.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_request_bytes")
         );
         let mut raw = RawConfig::default();
         raw.buffer.max_buffer_bytes = 0;

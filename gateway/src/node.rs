@@ -116,15 +116,32 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         let _ = rx.wait_for(|stop| *stop).await;
     });
 
-    shutdown.await;
+    // Run until told to stop, or until a receiver fails (then flush and report it).
+    let mut grpc = grpc;
+    let mut http = http;
+    let failure = tokio::select! {
+        () = shutdown => None,
+        r = &mut grpc => Some(server_failure("OTLP/gRPC", r)),
+        r = &mut http => Some(server_failure("OTLP/HTTP", r)),
+    };
     info!("shutting down: refusing new requests, deciding buffered traces, draining the outbox");
     let _ = stop_tx.send(true);
-    for (what, server) in [("OTLP/gRPC", grpc), ("OTLP/HTTP", http)] {
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(error = %e, "{what} server failed"),
-            Err(e) => error!(error = %e, "{what} server task failed"),
+    if failure.is_none() {
+        // In-flight requests finish; a client that holds its connection
+        // open cannot delay the flush past the grace period.
+        for (what, server) in [("OTLP/gRPC", grpc), ("OTLP/HTTP", http)] {
+            match tokio::time::timeout(cfg.shutdown_grace, server).await {
+                Ok(r) => {
+                    if let Some(e) = server_failure(what, r) {
+                        error!(error = %e, "receiver failed while stopping");
+                    }
+                }
+                Err(_) => error!("{what} server did not stop within the grace period"),
+            }
         }
+    } else {
+        grpc.abort();
+        http.abort();
     }
     sweeper.abort();
     pipeline.close();
@@ -142,7 +159,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     }
     let _ = admin_stop_tx.send(true);
     let _ = admin.await;
-    Ok(())
+    failure.flatten().map_or(Ok(()), Err)
+}
+
+/// The error a finished receiver task ended with, if any.
+fn server_failure(
+    what: &'static str,
+    joined: Result<Result<(), NodeError>, tokio::task::JoinError>,
+) -> Option<NodeError> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(NodeError::Serve {
+            what,
+            message: e.to_string(),
+        }),
+    }
 }
 
 fn serve(

@@ -198,6 +198,7 @@ mod tests {
     ) -> (Pipeline, Arc<Outbox>, Arc<Metrics>) {
         let mut raw = RawConfig::default();
         raw.buffer.max_buffer_bytes = max_buffer_bytes;
+        raw.receiver.max_request_bytes = max_buffer_bytes;
         raw.policy.random_share = 0.0;
         let cfg = raw.validate().unwrap();
         let metrics = Arc::new(Metrics::new());

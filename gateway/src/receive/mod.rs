@@ -71,3 +71,34 @@ pub fn accepted_outcome(accepted: &Accepted) -> &'static str {
         "ok"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// OTLP/JSON as the specification writes it (hex IDs, lowerCamelCase,
+    /// 64-bit integers as strings, enums as numbers) decodes.
+    #[test]
+    fn spec_json_decodes() {
+        let req = decode_json(include_bytes!(
+            "../../../tests/fixtures/otlp-spec-example.json"
+        ))
+        .unwrap();
+        let span = &req.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!(span.trace_id.len(), 16);
+        assert_eq!(span.trace_id[0], 0x5b);
+        assert_eq!(span.span_id.len(), 8);
+        assert_eq!(span.start_time_unix_nano, 1_544_712_660_000_000_000);
+        assert_eq!(span.status.as_ref().map(|s| s.code), Some(2));
+        assert_eq!(span.attributes.len(), 2);
+    }
+
+    /// Decode errors say what is wrong.
+    #[test]
+    fn malformed_input_is_explained() {
+        let err = decode_json(br#"{"resourceSpans": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("malformed OTLP request"), "{err}");
+        let err = decode_protobuf(&[0xff, 0xff]).unwrap_err();
+        assert!(matches!(err, ReceiveError::Malformed(_)));
+    }
+}
