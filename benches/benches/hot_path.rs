@@ -10,14 +10,17 @@ use prost::Message;
 use std::{hint::black_box, sync::Arc};
 use tailgate_benches::request;
 use tailgate_gateway::{config::RawConfig, metrics::Metrics, pipeline::Pipeline, publish::Outbox};
+use tailgate_sampling_rules::Rules;
 
 const TRACES: u64 = 100;
 const SPANS: u8 = 10;
 
 fn pipeline() -> Pipeline {
     let cfg = RawConfig::default().validate().unwrap();
+    let rules = Rules::default_policy(cfg.policy.slow_threshold, cfg.policy.random_share);
     Pipeline::new(
         &cfg,
+        Arc::new(rules),
         Arc::new(Metrics::new()),
         Arc::new(Outbox::new(usize::MAX)),
     )

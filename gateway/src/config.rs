@@ -42,6 +42,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct RawConfig {
     pub receiver: RawReceiver,
     pub buffer: RawBuffer,
+    pub rules: RawRules,
     pub policy: RawPolicy,
     pub decision_cache: RawDecisionCache,
     pub rabbitmq: RawRabbitmq,
@@ -100,6 +101,26 @@ impl Default for RawBuffer {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRules {
+    /// The sampling rules file; without one, the `policy` section applies.
+    pub file: Option<String>,
+    /// How often the file is checked for changes (a changed file is
+    /// validated and swapped in; a broken one is refused).
+    pub check_interval_secs: f64,
+}
+
+impl Default for RawRules {
+    fn default() -> Self {
+        Self {
+            file: None,
+            check_interval_secs: 5.0,
+        }
+    }
+}
+
+/// The built-in policy, used when no rules file is configured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawPolicy {
@@ -199,6 +220,7 @@ impl Default for RawShutdown {
 pub struct Config {
     pub receiver: Receiver,
     pub buffer: Buffer,
+    pub rules: RulesFile,
     pub policy: Policy,
     pub decision_cache: DecisionCache,
     pub rabbitmq: Rabbitmq,
@@ -221,6 +243,12 @@ pub struct Buffer {
     pub max_spans_per_trace: NonZeroUsize,
     pub max_trace_bytes: NonZeroUsize,
     pub max_buffer_bytes: NonZeroUsize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RulesFile {
+    pub file: Option<std::path::PathBuf>,
+    pub check_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +336,9 @@ impl RawConfig {
                 .ok_or_else(|| env_err(var, format!("no configuration key {section}.{key}")))?;
             *slot = match slot {
                 serde_json::Value::String(_) => serde_json::Value::String(value.clone()),
+                // An unset optional key: a number or boolean if it reads as one, else text.
+                serde_json::Value::Null => serde_json::from_str(value)
+                    .unwrap_or_else(|_| serde_json::Value::String(value.clone())),
                 _ => serde_json::from_str(value)
                     .map_err(|e| env_err(var, format!("cannot read {value:?}: {e}")))?,
             };
@@ -353,6 +384,16 @@ impl RawConfig {
                 max_spans_per_trace: nonzero("buffer.max_spans_per_trace", b.max_spans_per_trace)?,
                 max_trace_bytes: nonzero("buffer.max_trace_bytes", b.max_trace_bytes)?,
                 max_buffer_bytes: nonzero("buffer.max_buffer_bytes", b.max_buffer_bytes)?,
+            },
+            rules: RulesFile {
+                file: self
+                    .rules
+                    .file
+                    .as_deref()
+                    .filter(|f| !f.is_empty())
+                    .map(std::path::PathBuf::from),
+                check_interval: secs("rules.check_interval_secs", self.rules.check_interval_secs)?
+                    .max(Duration::from_millis(10)),
             },
             policy: Policy {
                 slow_threshold: secs(
@@ -465,6 +506,15 @@ mod tests {
         let c = raw.validate().unwrap();
         assert_eq!(c.buffer.decision_wait, Duration::from_millis(250));
         assert_eq!(c.rabbitmq.exchange, "123");
+        let c = RawConfig::default()
+            .with_env_overrides(env(&[("TAILGATE_RULES__FILE", "/etc/tailgate/rules.yaml")]))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            c.rules.file.unwrap().to_str(),
+            Some("/etc/tailgate/rules.yaml")
+        );
     }
 
     #[test]

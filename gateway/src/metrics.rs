@@ -82,6 +82,9 @@ pub struct Metrics {
     published_messages: Family<Outcome, Counter>,
     published_spans: Counter,
     broker_connection_errors: Counter,
+    rules_reloads: Counter,
+    rules_reload_failures: Counter,
+    pub rules_hash: Gauge,
     pub buffer_traces: Gauge,
     pub buffer_bytes: Gauge,
     pub outbox_messages: Gauge,
@@ -116,6 +119,9 @@ impl Metrics {
             published_messages: Family::default(),
             published_spans: Counter::default(),
             broker_connection_errors: Counter::default(),
+            rules_reloads: Counter::default(),
+            rules_reload_failures: Counter::default(),
+            rules_hash: Gauge::default(),
             buffer_traces: Gauge::default(),
             buffer_bytes: Gauge::default(),
             outbox_messages: Gauge::default(),
@@ -170,6 +176,21 @@ impl Metrics {
             "tailgate_broker_connection_errors",
             "Failed or lost broker connections",
             m.broker_connection_errors.clone(),
+        );
+        r.register(
+            "tailgate_rules_reloads",
+            "Changed rules files validated and put in force",
+            m.rules_reloads.clone(),
+        );
+        r.register(
+            "tailgate_rules_reload_failures",
+            "Changed rules files refused as invalid (the previous rules stay in force)",
+            m.rules_reload_failures.clone(),
+        );
+        r.register(
+            "tailgate_rules_hash",
+            "First 48 bits of the SHA-256 of the rules in force; differs between nodes running different rules",
+            m.rules_hash.clone(),
         );
         r.register(
             "tailgate_buffer_traces",
@@ -265,6 +286,14 @@ impl Metrics {
         self.publish_outcome("ack");
         self.published_spans.inc_by(spans as u64);
         self.publish_latency.observe(latency_secs);
+    }
+
+    pub fn rules_reloaded(&self, ok: bool) {
+        if ok {
+            self.rules_reloads.inc();
+        } else {
+            self.rules_reload_failures.inc();
+        }
     }
 
     pub fn broker_connection_error(&self) {

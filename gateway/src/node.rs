@@ -4,6 +4,7 @@
 use crate::{
     admin,
     config::Config,
+    decide::reload,
     metrics::{DropReason, Metrics},
     pipeline::Pipeline,
     publish::{Outbox, amqp},
@@ -18,6 +19,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("invalid sampling rules:\n{0}")]
+    Rules(#[from] tailgate_sampling_rules::RulesError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -42,6 +45,8 @@ fn local(listener: &TcpListener) -> String {
 
 /// Runs a gateway node until `shutdown` resolves, then flushes and returns.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    // Refuse to start on broken rules, before taking any port.
+    let rules = Arc::new(reload::initial(&cfg)?);
     let grpc_listener = bind("OTLP/gRPC", cfg.receiver.grpc_listen).await?;
     let http_listener = bind("OTLP/HTTP", cfg.receiver.http_listen).await?;
     let admin_listener = bind("admin", cfg.admin_listen).await?;
@@ -55,12 +60,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
 
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .rules_hash
+        .set(i64::try_from(rules.hash_u48()).unwrap_or(0));
+    info!(rules = rules.len(), hash = %rules.hash_hex(), file = ?cfg.rules.file, "sampling rules in force");
     let outbox = Arc::new(Outbox::new(cfg.rabbitmq.outbox_max_bytes.get()));
     let pipeline = Arc::new(Pipeline::new(
         &cfg,
+        rules,
         Arc::clone(&metrics),
         Arc::clone(&outbox),
     ));
+    let rules_watcher = cfg.rules.file.clone().map(|path| {
+        let pipeline = Arc::clone(&pipeline);
+        let metrics = Arc::clone(&metrics);
+        let interval = cfg.rules.check_interval;
+        tokio::spawn(async move {
+            reload::watch(&path, interval, pipeline.decider(), &metrics).await;
+        })
+    });
     let max_request = cfg.receiver.max_request_bytes.get();
 
     let publisher = tokio::spawn(amqp::run(
@@ -144,6 +162,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         http.abort();
     }
     sweeper.abort();
+    if let Some(watcher) = rules_watcher {
+        watcher.abort();
+    }
     pipeline.close();
     let waiting = outbox.messages();
     let drained = tokio::time::timeout(cfg.shutdown_grace, outbox.drained())

@@ -24,7 +24,7 @@ use std::{
     },
     time::Duration,
 };
-use tailgate_sampling_rules::DefaultPolicy;
+use tailgate_sampling_rules::Rules;
 use tokio::time::Instant;
 
 /// Why a request was refused. Every kind is retryable by the client.
@@ -69,12 +69,16 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(cfg: &Config, metrics: Arc<Metrics>, outbox: Arc<Outbox>) -> Self {
-        let policy = DefaultPolicy::new(cfg.policy.slow_threshold, cfg.policy.random_share);
+    pub fn new(
+        cfg: &Config,
+        rules: Arc<Rules>,
+        metrics: Arc<Metrics>,
+        outbox: Arc<Outbox>,
+    ) -> Self {
         let cache = DecisionCache::new(&cfg.decision_cache);
         Self {
             buffer: Buffer::new(&cfg.buffer),
-            decider: Decider::new(policy, cache, Arc::clone(&metrics), Arc::clone(&outbox)),
+            decider: Decider::new(rules, cache, Arc::clone(&metrics), Arc::clone(&outbox)),
             outbox,
             metrics,
             max_buffer_bytes: cfg.buffer.max_buffer_bytes.get(),
@@ -162,6 +166,10 @@ impl Pipeline {
         self.update_gauges();
     }
 
+    pub fn decider(&self) -> &Decider {
+        &self.decider
+    }
+
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
     }
@@ -203,8 +211,12 @@ mod tests {
         let cfg = raw.validate().unwrap();
         let metrics = Arc::new(Metrics::new());
         let outbox = Arc::new(Outbox::new(outbox_bytes));
+        let rules = Arc::new(Rules::default_policy(
+            cfg.policy.slow_threshold,
+            cfg.policy.random_share,
+        ));
         (
-            Pipeline::new(&cfg, Arc::clone(&metrics), Arc::clone(&outbox)),
+            Pipeline::new(&cfg, rules, Arc::clone(&metrics), Arc::clone(&outbox)),
             outbox,
             metrics,
         )

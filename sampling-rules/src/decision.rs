@@ -29,17 +29,40 @@ impl fmt::Debug for RuleName {
     }
 }
 
-/// A keep decision: which rule kept the trace and at what sampling threshold.
+/// A keep decision: which rule kept the trace, and how many traces it stands for.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kept {
     pub rule: RuleName,
-    pub threshold: Threshold,
+    /// The OTEP 235 threshold of a consistent sampler (`keep`, `sample`,
+    /// `throughput`); `None` for a rate limit, whose choice does not follow
+    /// the trace's randomness, so no threshold may be claimed.
+    pub threshold: Option<Threshold>,
+    /// How many traces this one stands for: 1 for `keep`, N for `sample: {rate: N}`,
+    /// an estimate for rate limits.
+    pub adjusted_count: f64,
 }
 
 impl Kept {
-    /// How many traces this one stands for (1 for keep-all rules).
+    /// A keep-everything decision (adjusted count 1).
+    pub fn all(rule: RuleName) -> Self {
+        Self {
+            rule,
+            threshold: Some(Threshold::ALWAYS),
+            adjusted_count: 1.0,
+        }
+    }
+
+    /// A consistent-probability decision at `threshold`.
+    pub fn at(rule: RuleName, threshold: Threshold) -> Self {
+        Self {
+            rule,
+            threshold: Some(threshold),
+            adjusted_count: threshold.adjusted_count(),
+        }
+    }
+
     pub fn adjusted_count(&self) -> f64 {
-        self.threshold.adjusted_count()
+        self.adjusted_count
     }
 }
 

@@ -1,20 +1,34 @@
-//! Tailgate's sampling policy: given a whole trace, decide whether to keep it.
+//! Tailgate's sampling rules: given a whole trace, decide whether to keep it.
 //!
-//! The gateway buffers every span of a trace, then hands the trace to a
-//! policy through the [`TraceView`] trait. The answer is a [`Decision`]:
-//! keep (with the rule that matched and an OTEP 235 [`Threshold`], from which
-//! the adjusted count follows) or drop (with the rule that matched).
+//! SREs write an ordered list of rules in YAML (see `docs/sampling-rules.md`);
+//! [`Rules::from_yaml`] validates it, reporting every problem as
+//! `file:line:column` with a hint, and compiles it. The gateway hands each
+//! buffered trace to [`Rules::decide`] through the [`TraceView`] trait and
+//! gets a [`Decision`]: keep (with the rule, an OTEP 235 [`Threshold`] where
+//! the sampler is consistent, and the adjusted count) or drop.
 //!
-//! Decisions depend only on the trace's content and its trace ID, never on
-//! the order spans arrived in or on which node decides, so every gateway node
-//! gives the same answer for the same trace.
+//! Decisions of `keep`, `drop`, `sample` and `throughput` rules depend only
+//! on the trace's content and its trace ID, never on the order spans arrived
+//! in, so every gateway node gives the same answer for the same trace.
 
+mod action;
+mod compile;
+mod condition;
 mod decision;
-mod policy;
+mod field;
+mod node;
+mod redact;
+mod rules;
 mod threshold;
 mod trace;
 
+#[cfg(test)]
+mod tests;
+
+pub use compile::{RuleError, RulesError, parse_duration};
 pub use decision::{Decision, Kept, RuleName};
-pub use policy::DefaultPolicy;
+pub use node::Pos;
+pub use redact::Redaction;
+pub use rules::{NO_MATCH, Rules};
 pub use threshold::{Probability, ProbabilityError, Randomness, Threshold, with_threshold};
 pub use trace::{SpanRef, TraceId, TraceView};

@@ -153,30 +153,40 @@ fn ot_subkeys(tracestate: &str) -> Option<impl Iterator<Item = (&str, &str)>> {
 }
 
 /// Returns `tracestate` with the `ot` entry's `th` set to `threshold`, keeping
-/// every other entry and sub-key. If the span already carries a stricter
-/// threshold from an earlier sampler, that one stays (thresholds compose by
-/// maximum). W3C trace context puts a modified entry first.
-pub fn with_threshold(tracestate: &str, threshold: Threshold) -> (String, Threshold) {
-    let effective = Threshold::from_tracestate(tracestate)
-        .map_or(threshold, |upstream| upstream.max(threshold));
-    let mut ot = format!("th:{}", effective.to_th());
-    if let Some(subkeys) = ot_subkeys(tracestate) {
-        for (k, v) in subkeys.filter(|(k, _)| *k != "th") {
-            ot.push(';');
-            ot.push_str(k);
-            ot.push(':');
-            ot.push_str(v);
-        }
+/// every other entry and sub-key, and the threshold now in force. If the span
+/// already carries a stricter threshold from an earlier sampler, that one
+/// stays (thresholds compose by maximum). With `None` (a sampler that is not
+/// consistent, such as a rate limit) `th` is erased, as OTEP 235 requires.
+/// W3C trace context puts a modified entry first.
+pub fn with_threshold(
+    tracestate: &str,
+    threshold: Option<Threshold>,
+) -> (String, Option<Threshold>) {
+    let effective = threshold
+        .map(|t| Threshold::from_tracestate(tracestate).map_or(t, |upstream| upstream.max(t)));
+    let mut subkeys: Vec<String> = effective
+        .map(|t| format!("th:{}", t.to_th()))
+        .into_iter()
+        .collect();
+    if let Some(existing) = ot_subkeys(tracestate) {
+        subkeys.extend(
+            existing
+                .filter(|(k, _)| *k != "th")
+                .map(|(k, v)| format!("{k}:{v}")),
+        );
     }
-    let mut out = format!("ot={ot}");
-    for member in tracestate.split(',').map(str::trim) {
-        if member.is_empty() || member.starts_with("ot=") {
-            continue;
-        }
-        out.push(',');
-        out.push_str(member);
+    let mut members: Vec<String> = Vec::new();
+    if !subkeys.is_empty() {
+        members.push(format!("ot={}", subkeys.join(";")));
     }
-    (out, effective)
+    members.extend(
+        tracestate
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty() && !m.starts_with("ot="))
+            .map(str::to_owned),
+    );
+    (members.join(","), effective)
 }
 
 #[cfg(test)]
@@ -257,15 +267,22 @@ mod tests {
     /// stricter upstream threshold wins over a looser local one.
     #[test]
     fn tracestate_editing() {
-        assert_eq!(with_threshold("", Threshold::ALWAYS).0, "ot=th:0");
+        let always = Some(Threshold::ALWAYS);
+        assert_eq!(with_threshold("", always).0, "ot=th:0");
         assert_eq!(
-            with_threshold("a=1, ot=th:8;rv:0123456789abcd ,b=2", Threshold::ALWAYS),
+            with_threshold("a=1, ot=th:8;rv:0123456789abcd ,b=2", always),
             (
                 "ot=th:8;rv:0123456789abcd,a=1,b=2".to_owned(),
-                Threshold::from_th("8").unwrap()
+                Threshold::from_th("8")
             )
         );
-        let c = Threshold::from_th("c").unwrap();
+        let c = Threshold::from_th("c");
         assert_eq!(with_threshold("ot=th:8", c), ("ot=th:c".to_owned(), c));
+        // A non-consistent decision erases th and keeps the rest.
+        assert_eq!(
+            with_threshold("a=1,ot=th:8;rv:0123456789abcd", None).0,
+            "ot=rv:0123456789abcd,a=1"
+        );
+        assert_eq!(with_threshold("ot=th:8,a=1", None).0, "a=1");
     }
 }

@@ -1,7 +1,12 @@
-//! Stage 4, decide: apply the sampling policy to a whole trace, remember the
-//! decision, and hand kept traces to the publisher, marked with the decision.
+//! Stage 4, decide: apply the sampling rules to a whole trace, remember the
+//! decision, and hand kept traces to the publisher, marked with the decision
+//! and redacted as the rules say.
+//!
+//! The rules sit behind an atomic pointer: a reload swaps in a new version
+//! between two decisions, never during one.
 
 pub mod cache;
+pub mod reload;
 
 use crate::{
     buffer::{TakenTrace, Trigger},
@@ -9,12 +14,11 @@ use crate::{
     publish::{OutMessage, Outbox},
     route::{Fragment, TraceBatch, into_request},
 };
+use arc_swap::ArcSwap;
 use cache::{DecisionCache, Verdict};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 use std::sync::Arc;
-use tailgate_sampling_rules::{
-    Decision, DefaultPolicy, Kept, SpanRef, TraceId, TraceView, with_threshold,
-};
+use tailgate_sampling_rules::{Decision, Kept, Rules, SpanRef, TraceId, TraceView, with_threshold};
 use tokio::time::Instant;
 
 /// Attribute naming the rule that kept a span's trace.
@@ -24,7 +28,7 @@ pub const ADJUSTED_COUNT_ATTRIBUTE: &str = "sampling.adjusted_count";
 
 #[derive(Debug)]
 pub struct Decider {
-    policy: DefaultPolicy,
+    rules: ArcSwap<Rules>,
     cache: DecisionCache,
     metrics: Arc<Metrics>,
     outbox: Arc<Outbox>,
@@ -32,13 +36,13 @@ pub struct Decider {
 
 impl Decider {
     pub fn new(
-        policy: DefaultPolicy,
+        rules: Arc<Rules>,
         cache: DecisionCache,
         metrics: Arc<Metrics>,
         outbox: Arc<Outbox>,
     ) -> Self {
         Self {
-            policy,
+            rules: ArcSwap::new(rules),
             cache,
             metrics,
             outbox,
@@ -49,10 +53,20 @@ impl Decider {
         &self.cache
     }
 
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.load_full()
+    }
+
+    /// Puts new rules in force for every later decision.
+    pub fn set_rules(&self, rules: Arc<Rules>) {
+        self.rules.store(rules);
+    }
+
     /// Decides a trace taken from the buffer, remembers the decision, and
     /// queues the trace for publishing if kept.
     pub fn decide(&self, trace: TakenTrace, trigger: Trigger, now: Instant) -> Verdict {
-        let decision = self.policy.decide(&trace);
+        let decision = self.rules.load().decide(&trace, now.into_std());
         let latency = now.saturating_duration_since(trace.received_at);
         self.metrics.decided(
             decision.is_keep(),
@@ -105,7 +119,8 @@ impl Decider {
         received_at: Instant,
     ) {
         let span_count = annotate(&mut fragments, kept);
-        let request = into_request(fragments);
+        let mut request = into_request(fragments);
+        self.rules.load().redaction().apply(&mut request);
         self.outbox.push(OutMessage::new(
             trace_id,
             kept,
@@ -132,6 +147,7 @@ fn annotate(fragments: &mut [Fragment], kept: &Kept) -> usize {
     let mut count = 0;
     for span in fragments.iter_mut().flat_map(|f| f.spans.iter_mut()) {
         let (trace_state, effective) = with_threshold(&span.trace_state, kept.threshold);
+        let adjusted_count = effective.map_or(kept.adjusted_count, |t| t.adjusted_count());
         span.trace_state = trace_state;
         span.attributes
             .retain(|kv| kv.key != RULE_ATTRIBUTE && kv.key != ADJUSTED_COUNT_ATTRIBUTE);
@@ -145,7 +161,7 @@ fn annotate(fragments: &mut [Fragment], kept: &Kept) -> usize {
         span.attributes.push(KeyValue {
             key: ADJUSTED_COUNT_ATTRIBUTE.into(),
             value: Some(AnyValue {
-                value: Some(Value::DoubleValue(effective.adjusted_count())),
+                value: Some(Value::DoubleValue(adjusted_count)),
             }),
             ..Default::default()
         });
@@ -169,10 +185,7 @@ mod tests {
         )]));
         let mut fragments = routed.batches.remove(0).fragments;
         fragments[0].spans[1].trace_state = "vendor=1".into();
-        let kept = Kept {
-            rule: RuleName::new("random"),
-            threshold: Threshold::from_th("8").unwrap(),
-        };
+        let kept = Kept::at(RuleName::new("random"), Threshold::from_th("8").unwrap());
         assert_eq!(annotate(&mut fragments, &kept), 2);
         let s = &fragments[0].spans[1];
         assert_eq!(s.trace_state, "ot=th:8,vendor=1");

@@ -209,13 +209,10 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tailgate_sampling_rules::{RuleName, Threshold};
+    use tailgate_sampling_rules::RuleName;
 
     fn msg(n: u8) -> OutMessage {
-        let kept = Kept {
-            rule: RuleName::new("error"),
-            threshold: Threshold::ALWAYS,
-        };
+        let kept = Kept::all(RuleName::new("error"));
         OutMessage::new(
             TraceId([n; 16]),
             &kept,

@@ -1,0 +1,191 @@
+//! A compiled rules file: rule sets, one chosen per trace; the first rule
+//! whose conditions hold decides.
+
+use crate::{
+    action::Action,
+    compile::{RulesError, compile},
+    condition::{CmpOp, Condition, Facts, Literal, Test},
+    decision::{Decision, RuleName},
+    field::{FieldValue, SpanField, TraceField},
+    node::Pos,
+    redact::Redaction,
+    threshold::{Probability, Threshold},
+    trace::TraceView,
+};
+use sha2::{Digest, Sha256};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+#[derive(Debug)]
+pub struct Rule {
+    pub name: RuleName,
+    /// `None` matches every trace.
+    pub when: Option<Condition>,
+    pub action: Action,
+    pub pos: Pos,
+}
+
+#[derive(Debug)]
+pub struct Rules {
+    select_by: Option<SpanField>,
+    sets: Vec<(String, Vec<Rule>)>,
+    default: Vec<Rule>,
+    redaction: Redaction,
+    digest: [u8; 32],
+    no_match: RuleName,
+}
+
+/// The rule name of traces no rule matched (they are dropped).
+pub const NO_MATCH: &str = "no-rule-matched";
+
+impl Rules {
+    pub(crate) fn new(
+        select_by: Option<String>,
+        sets: Vec<(String, Vec<Rule>)>,
+        default: Vec<Rule>,
+        redaction: Redaction,
+        text: &str,
+    ) -> Self {
+        Self {
+            select_by: select_by.map(SpanField::ResourceAttribute),
+            sets,
+            default,
+            redaction,
+            digest: Sha256::digest(text.as_bytes()).into(),
+            no_match: RuleName::new(NO_MATCH),
+        }
+    }
+
+    /// Compiles rules from YAML text, reading `salt_env` from the process environment.
+    pub fn from_yaml(text: &str, file: &str) -> Result<Self, RulesError> {
+        Self::from_yaml_with_env(text, file, &|var| std::env::var(var).ok())
+    }
+
+    /// Compiles rules from YAML text with environment variables from `env`.
+    pub fn from_yaml_with_env(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, RulesError> {
+        compile(text, env).map_err(|errors| RulesError {
+            file: file.to_owned(),
+            errors,
+        })
+    }
+
+    /// Reads and compiles a rules file.
+    pub fn load(path: &Path) -> Result<Self, RulesError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| RulesError {
+            file: file.clone(),
+            errors: vec![crate::compile::RuleError {
+                pos: Pos { line: 0, column: 0 },
+                message: format!("cannot read the file: {e}"),
+                hint: None,
+            }],
+        })?;
+        Self::from_yaml(&text, &file)
+    }
+
+    /// The built-in policy, as rules: keep errors (`error`), keep traces at
+    /// least `slow` long (`slow`), keep `share` of the rest (`random`).
+    pub fn default_policy(slow: Duration, share: Probability) -> Self {
+        let rule = |name: &str, when, action| Rule {
+            name: RuleName::new(name),
+            when,
+            action,
+            pos: Pos::default(),
+        };
+        let default = vec![
+            rule(
+                "error",
+                Some(Condition::Trace(
+                    TraceField::HasError,
+                    Test::Cmp(CmpOp::Eq, Literal::Bool(true)),
+                )),
+                Action::Keep,
+            ),
+            rule(
+                "slow",
+                Some(Condition::Trace(
+                    TraceField::Duration,
+                    Test::Cmp(
+                        CmpOp::Ge,
+                        Literal::Duration(u64::try_from(slow.as_nanos()).unwrap_or(u64::MAX)),
+                    ),
+                )),
+                Action::Keep,
+            ),
+            rule(
+                "random",
+                None,
+                Action::Sample(Threshold::from_probability(share)),
+            ),
+        ];
+        let description = format!("default policy: slow >= {slow:?}, share {}", share.get());
+        Self::new(
+            None,
+            Vec::new(),
+            default,
+            Redaction::default(),
+            &description,
+        )
+    }
+
+    /// Decides one whole trace. `now` drives the per-key samplers only.
+    pub fn decide(&self, trace: &impl TraceView, now: Instant) -> Decision {
+        let facts = Facts::new(trace);
+        for rule in self.select(&facts) {
+            if rule.when.as_ref().is_none_or(|c| c.eval(&facts)) {
+                return rule
+                    .action
+                    .decide(&rule.name, &facts, trace.trace_id(), now);
+            }
+        }
+        Decision::Drop {
+            rule: self.no_match.clone(),
+        }
+    }
+
+    fn select(&self, facts: &Facts<'_>) -> &[Rule] {
+        let chosen = self.select_by.as_ref().and_then(|field| {
+            let value = facts.trace_value(field)?;
+            let text = match &value {
+                FieldValue::Str(s) => s.as_ref(),
+                _ => return None,
+            };
+            self.sets
+                .iter()
+                .find(|(name, _)| name == text)
+                .map(|(_, rules)| rules.as_slice())
+        });
+        chosen.unwrap_or(&self.default)
+    }
+
+    pub fn redaction(&self) -> &Redaction {
+        &self.redaction
+    }
+
+    /// SHA-256 of the rules text, in hex: equal on every node running the same file.
+    pub fn hash_hex(&self) -> String {
+        self.digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The first 48 bits of the hash, exact in a float64 gauge.
+    pub fn hash_u48(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b[2..].copy_from_slice(&self.digest[..6]);
+        u64::from_be_bytes(b)
+    }
+
+    /// Number of rules across all sets.
+    pub fn len(&self) -> usize {
+        self.default.len() + self.sets.iter().map(|(_, r)| r.len()).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,720 @@
+//! Tests of the rules language as an SRE writes it: every operator,
+//! combinator, action, redaction and validation error, and the properties
+//! that make decisions safe to spread over many nodes.
+
+use crate::{Decision, RuleError, Rules, SpanRef, TraceId, TraceView};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{AnyValue, KeyValue, any_value::Value},
+    resource::v1::Resource,
+    trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::Event},
+};
+use proptest::prelude::*;
+use std::time::{Duration, Instant};
+
+fn kv(key: &str, value: Value) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
+}
+
+fn s(v: &str) -> Value {
+    Value::StringValue(v.into())
+}
+
+/// A trace as (resource, span) pairs.
+#[derive(Clone)]
+struct T(TraceId, Vec<(Resource, Span)>);
+
+impl TraceView for T {
+    fn trace_id(&self) -> TraceId {
+        self.0
+    }
+    fn spans(&self) -> impl Iterator<Item = SpanRef<'_>> {
+        self.1.iter().map(|(r, span)| SpanRef {
+            resource: Some(r),
+            scope: None,
+            span,
+        })
+    }
+}
+
+fn resource(service: &str, env: &str) -> Resource {
+    Resource {
+        attributes: vec![
+            kv("service.name", s(service)),
+            kv("deployment.environment", s(env)),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Builds spans fluently: `sp(1, None).name("x").ms(0, 10)`.
+fn sp(id: u8, parent: Option<u8>) -> Span {
+    Span {
+        trace_id: vec![7; 16],
+        span_id: vec![id; 8],
+        parent_span_id: parent.map(|p| vec![p; 8]).unwrap_or_default(),
+        name: format!("span-{id}"),
+        kind: 2,
+        start_time_unix_nano: 1_000_000_000,
+        end_time_unix_nano: 1_010_000_000,
+        ..Default::default()
+    }
+}
+
+trait SpanExt {
+    fn name(self, n: &str) -> Span;
+    fn ms(self, start: u64, end: u64) -> Span;
+    fn attr(self, k: &str, v: Value) -> Span;
+    fn error(self) -> Span;
+    fn event(self, n: &str) -> Span;
+}
+
+impl SpanExt for Span {
+    fn name(mut self, n: &str) -> Span {
+        self.name = n.into();
+        self
+    }
+    fn ms(mut self, start: u64, end: u64) -> Span {
+        self.start_time_unix_nano = start * 1_000_000;
+        self.end_time_unix_nano = end * 1_000_000;
+        self
+    }
+    fn attr(mut self, k: &str, v: Value) -> Span {
+        self.attributes.push(kv(k, v));
+        self
+    }
+    fn error(mut self) -> Span {
+        self.status = Some(Status {
+            code: 2,
+            message: "boom".into(),
+        });
+        self
+    }
+    fn event(mut self, n: &str) -> Span {
+        self.events.push(Event {
+            name: n.into(),
+            ..Default::default()
+        });
+        self
+    }
+}
+
+fn trace(spans: Vec<(&str, Span)>) -> T {
+    T(
+        TraceId([7; 16]),
+        spans
+            .into_iter()
+            .map(|(svc, span)| (resource(svc, "production"), span))
+            .collect(),
+    )
+}
+
+fn env(var: &str) -> Option<String> {
+    (var == "SALT").then(|| "pepper".to_owned())
+}
+
+fn rules(yaml: &str) -> Rules {
+    Rules::from_yaml_with_env(yaml, "test.yaml", &env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn errors(yaml: &str) -> Vec<RuleError> {
+    Rules::from_yaml_with_env(yaml, "test.yaml", &env)
+        .expect_err("should not compile")
+        .errors
+}
+
+/// The rule that decided, or "drop:<rule>".
+fn decide(r: &Rules, t: &T) -> String {
+    match r.decide(t, Instant::now()) {
+        Decision::Keep(k) => k.rule.to_string(),
+        Decision::Drop { rule } => format!("drop:{rule}"),
+    }
+}
+
+/// One rule `hit` with the given condition, then a catch-all drop.
+fn when(condition: &str) -> Rules {
+    rules(&format!(
+        "rules:\n  - name: hit\n    when:\n{}\n    action: keep\n  - name: rest\n    action: drop\n",
+        indent(condition, 6)
+    ))
+}
+
+fn indent(text: &str, n: usize) -> String {
+    text.lines()
+        .map(|l| format!("{}{l}", " ".repeat(n)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn hits(condition: &str, t: &T) -> bool {
+    decide(&when(condition), t) == "hit"
+}
+
+fn order(status: &str) -> T {
+    trace(vec![
+        (
+            "shop-api",
+            sp(1, None)
+                .name("POST /orders")
+                .ms(0, 300)
+                .attr("order.id", s("ord-1"))
+                .attr("http.status_code", Value::IntValue(201)),
+        ),
+        (
+            "crm-api",
+            sp(2, Some(1))
+                .name("crm.create")
+                .ms(10, 200)
+                .attr("order.status", s(status))
+                .attr("retries", Value::DoubleValue(1.5)),
+        ),
+        (
+            "mes-api",
+            sp(3, Some(2))
+                .name("mes.price")
+                .ms(20, 150)
+                .attr("cached", Value::BoolValue(false))
+                .event("price.calculated"),
+        ),
+    ])
+}
+
+/// `=` and `!=` on strings, integers, doubles and booleans; `!=` also holds where the field is missing.
+#[test]
+fn equality() {
+    let t = order("PRICE_CALCULATED");
+    assert!(hits("attributes.order.status: PRICE_CALCULATED", &t));
+    assert!(hits(
+        "attributes.order.status: { \"=\": PRICE_CALCULATED }",
+        &t
+    ));
+    assert!(!hits("attributes.order.status: SHIPPED", &t));
+    assert!(hits("attributes.http.status_code: 201", &t));
+    assert!(hits("attributes.retries: 1.5", &t));
+    assert!(hits("attributes.cached: false", &t));
+    assert!(hits("service.name: { \"!=\": nobody }", &t));
+    assert!(hits("attributes.missing: { \"!=\": x }", &t));
+    assert!(!hits(
+        "every_span:\n  service.name: { \"!=\": mes-api }",
+        &t
+    ));
+}
+
+/// `>`, `<`, `>=`, `<=` on numbers (integers against doubles too) and durations.
+#[test]
+fn ordering() {
+    let t = order("x");
+    assert!(hits(
+        "attributes.http.status_code: { \">=\": 200, \"<\": 300 }",
+        &t
+    ));
+    assert!(!hits("attributes.http.status_code: { \">\": 201 }", &t));
+    assert!(hits("attributes.retries: { \"<=\": 2 }", &t));
+    assert!(hits("trace.duration: { \">=\": 300ms }", &t));
+    assert!(!hits("trace.duration: { \">\": 300ms }", &t));
+    assert!(hits("span.duration: { \"<\": 1s }", &t));
+    assert!(hits("trace.span_count: { \">\": 2 }", &t));
+}
+
+/// `in` / `not-in`, `exists` / `not-exists`, `starts-with`, `contains`,
+/// `does-not-contain`, `matches`, and event names.
+#[test]
+fn set_existence_and_text_operators() {
+    let t = order("MANUFACTURING_APPROVED");
+    assert!(hits("service.name: { in: [mes-api, mes-db] }", &t));
+    assert!(hits("root.service.name: { not-in: [crm-api] }", &t));
+    assert!(!hits(
+        "every_span:\n  service.name: { not-in: [crm-api] }",
+        &t
+    ));
+    assert!(hits("attributes.order.id: exists", &t));
+    assert!(hits("attributes.order.id: { exists: true }", &t));
+    assert!(hits("attributes.user.email: not-exists", &t));
+    assert!(!hits("every_span:\n  attributes.order.id: exists", &t));
+    assert!(hits("span.name: { starts-with: POST }", &t));
+    assert!(hits(
+        "attributes.order.status: { contains: MANUFACTURING }",
+        &t
+    ));
+    assert!(hits("root.span.name: { does-not-contain: healthz }", &t));
+    assert!(hits(
+        "attributes.order.status: { matches: \"^MANUFACTURING_(APPROVED|STARTED)$\" }",
+        &t
+    ));
+    assert!(
+        hits(
+            "attributes.http.status_code: { matches: \"^2\\\\d\\\\d$\" }",
+            &t
+        ),
+        "numbers match as text"
+    );
+    assert!(hits("event.name: price.calculated", &t));
+    assert!(hits("event.name: { not-in: [refund] }", &t));
+}
+
+/// Built-in fields: status code, span kind, service, scope; trace facts.
+#[test]
+fn builtin_fields() {
+    let mut t = order("x");
+    assert!(hits("span.kind: SERVER", &t));
+    assert!(!hits("span.kind: CLIENT", &t));
+    assert!(hits("status.code: UNSET", &t));
+    assert!(hits("trace.has_error: false", &t));
+    assert!(hits("trace.has_root: true", &t));
+    assert!(hits("resource.deployment.environment: production", &t));
+    t.1[2].1 = t.1[2].1.clone().error();
+    assert!(hits("status.code: error", &t));
+    assert!(hits("status.message: boom", &t));
+    assert!(hits("trace.has_error: true", &t));
+    t.1.remove(0);
+    assert!(hits("trace.has_root: false", &t));
+    assert!(
+        !hits("root.service.name: exists", &t),
+        "root fields are false without a root"
+    );
+}
+
+/// `all`, `any`, `not`, a mapping (implicit all), `any_span` (the same span) and `every_span`.
+#[test]
+fn combinators() {
+    let t = order("x");
+    assert!(hits(
+        "any:\n  - service.name: nobody\n  - service.name: mes-api",
+        &t
+    ));
+    assert!(!hits(
+        "all:\n  - service.name: nobody\n  - service.name: mes-api",
+        &t
+    ));
+    assert!(hits("not:\n  service.name: nobody", &t));
+    assert!(
+        hits("service.name: mes-api\nattributes.order.id: exists", &t),
+        "different spans may satisfy a mapping"
+    );
+    assert!(
+        !hits(
+            "any_span:\n  service.name: mes-api\n  attributes.order.id: exists",
+            &t
+        ),
+        "any_span needs one span to satisfy all"
+    );
+    assert!(hits(
+        "any_span:\n  service.name: shop-api\n  attributes.order.id: exists",
+        &t
+    ));
+    assert!(hits("every_span:\n  span.duration: { \"<\": 1s }", &t));
+    assert!(hits(
+        "not:\n  any:\n    - trace.has_error: true\n    - trace.span_count: { \">\": 10 }",
+        &t
+    ));
+}
+
+/// The first matching rule decides; nothing matching is a drop named `no-rule-matched`.
+#[test]
+fn first_match_and_no_match() {
+    let r = rules(
+        "rules:\n  - name: a\n    when: {service.name: mes-api}\n    action: keep\n  - name: b\n    when: {service.name: shop-api}\n    action: keep\n",
+    );
+    assert_eq!(decide(&r, &order("x")), "a");
+    let none = trace(vec![("other", sp(1, None))]);
+    assert_eq!(decide(&r, &none), "drop:no-rule-matched");
+}
+
+fn id(n: u64) -> TraceId {
+    let mut b = [3u8; 16];
+    b[8..].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+    TraceId(b)
+}
+
+fn with_id(t: &T, n: u64) -> T {
+    T(id(n), t.1.clone())
+}
+
+/// `sample: {rate: N}` keeps 1 in N within binomial bounds, with adjusted count N.
+#[test]
+fn sample_rate() {
+    let r = rules("rules:\n  - name: tenth\n    action: { sample: { rate: 10 } }\n");
+    let base = order("x");
+    let n = 10_000;
+    let mut kept = 0;
+    for i in 0..n {
+        if let Decision::Keep(k) = r.decide(&with_id(&base, i), Instant::now()) {
+            assert!((k.adjusted_count - 10.0).abs() < 0.01);
+            assert!(k.threshold.is_some());
+            kept += 1;
+        }
+    }
+    // n·p = 1000, σ = 30: ±5σ.
+    assert!((850..=1150).contains(&kept), "kept {kept}");
+}
+
+/// `rate_limit` keeps at most its budget per key per second, without a threshold.
+#[test]
+fn rate_limit_action() {
+    let r = rules(
+        "rules:\n  - name: limited\n    action: { rate_limit: { traces_per_sec: 3, key: [root.service.name] } }\n",
+    );
+    let now = Instant::now();
+    let shop = order("x");
+    let other = trace(vec![("billing", sp(1, None))]);
+    let kept = (0..20)
+        .filter(|i| r.decide(&with_id(&shop, *i), now).is_keep())
+        .count();
+    assert_eq!(kept, 3);
+    assert!(
+        r.decide(&with_id(&other, 99), now).is_keep(),
+        "another key has its own budget"
+    );
+    let later = now + Duration::from_secs(1);
+    match r.decide(&with_id(&shop, 100), later) {
+        Decision::Keep(k) => {
+            assert!(
+                k.threshold.is_none(),
+                "a rate limit is not consistent sampling"
+            );
+            assert!(k.adjusted_count >= 1.0);
+        }
+        Decision::Drop { .. } => panic!("budget refills after a second"),
+    }
+}
+
+/// `throughput` keeps rare keys whole and thins busy ones toward the target.
+#[test]
+fn throughput_action() {
+    let r = rules(
+        "rules:\n  - name: even\n    action: { throughput: { target_per_sec: 5, key: [span.name] } }\n",
+    );
+    let busy = trace(vec![("shop-api", sp(1, None).name("GET /catalog"))]);
+    let rare = trace(vec![("shop-api", sp(1, None).name("POST /orders"))]);
+    let t0 = Instant::now();
+    let mut busy_kept = 0;
+    let mut rare_kept = 0;
+    // 20 s of traffic: 500 busy traces a second, one rare trace a second.
+    for i in 0..10_000u64 {
+        let now = t0 + Duration::from_millis(i * 2);
+        busy_kept += usize::from(r.decide(&with_id(&busy, i), now).is_keep());
+        if i % 500 == 0 {
+            rare_kept += usize::from(r.decide(&with_id(&rare, 1_000_000 + i), now).is_keep());
+        }
+    }
+    assert_eq!(rare_kept, 20);
+    // 5/s over 20 s is 100; the first window over-keeps while the rate is learnt.
+    assert!((60..=600).contains(&busy_kept), "busy kept {busy_kept}");
+}
+
+/// The rule set is chosen by the resource attribute named in `select_set_by`;
+/// traces of other environments get the default set.
+#[test]
+fn rule_sets() {
+    let r = rules(
+        "select_set_by: deployment.environment\nsets:\n  production:\n    - name: prod\n      action: keep\n  default:\n    - name: other\n      action: drop\n",
+    );
+    assert_eq!(decide(&r, &order("x")), "prod");
+    let staging = T(
+        TraceId([7; 16]),
+        vec![(resource("shop-api", "staging"), sp(1, None))],
+    );
+    assert_eq!(decide(&r, &staging), "drop:other");
+}
+
+/// The redact section removes, hashes (salted) and masks attributes of
+/// spans, events and resources.
+#[test]
+fn redaction() {
+    let r = rules(
+        "rules:\n  - name: all\n    action: keep\nredact:\n  salt_env: SALT\n  remove: [payment.card_number]\n  hash: [user.email]\n  mask:\n    - key: user.phone\n      pattern: '\\d'\n      replacement: '#'\n",
+    );
+    let span = sp(1, None)
+        .attr("payment.card_number", s("4111"))
+        .attr("user.email", s("anna@example.com"))
+        .attr("user.phone", s("+7 912"));
+    let mut req = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("user.email", s("ops@example.com"))],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![span],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    r.redaction().apply(&mut req);
+    let span = &req.resource_spans[0].scope_spans[0].spans[0];
+    let get = |k: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == k)
+            .and_then(|kv| kv.value.clone()?.value)
+    };
+    assert_eq!(get("payment.card_number"), None);
+    assert_eq!(get("user.phone"), Some(s("+# ###")));
+    let Some(Value::StringValue(email)) = get("user.email") else {
+        panic!("email gone")
+    };
+    assert!(email.starts_with("sha256:"), "{email}");
+    let resource_email = &req.resource_spans[0].resource.as_ref().unwrap().attributes[0];
+    assert_ne!(
+        resource_email.value,
+        Some(AnyValue {
+            value: Some(s("ops@example.com"))
+        })
+    );
+}
+
+/// Asserts one error at `line:column` whose message contains `text`.
+fn assert_error(yaml: &str, line: u64, column: u64, text: &str) {
+    let errs = errors(yaml);
+    assert!(
+        errs.iter()
+            .any(|e| e.pos.line == line && e.pos.column == column && e.message.contains(text)),
+        "no error {line}:{column} containing {text:?} in:\n{}",
+        errs.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn validation_errors_name_line_and_column() {
+    // Unknown key in a rule.
+    assert_error(
+        "rules:\n  - name: a\n    acton: keep\n",
+        3,
+        5,
+        "unknown key `acton`",
+    );
+    // Unknown top-level key.
+    assert_error("rule:\n  - name: a\n", 1, 1, "unknown key `rule`");
+    // Wrong type: a number where a duration is needed.
+    assert_error(
+        "rules:\n  - name: a\n    when: { trace.duration: { \">\": 5 } }\n    action: keep\n",
+        3,
+        36,
+        "not a valid value",
+    );
+    // Bad regex.
+    assert_error(
+        "rules:\n  - name: a\n    when:\n      span.name: { matches: \"(unclosed\" }\n    action: keep\n",
+        4,
+        29,
+        "invalid regular expression",
+    );
+    // Unknown operator.
+    assert_error(
+        "rules:\n  - name: a\n    when:\n      span.name: { \"~=\": x }\n    action: keep\n",
+        4,
+        20,
+        "unknown operator `~=`",
+    );
+    // Unknown field, with a hint for attributes.
+    let errs = errors("rules:\n  - name: a\n    when:\n      order.id: exists\n    action: keep\n");
+    assert_eq!((errs[0].pos.line, errs[0].pos.column), (4, 7));
+    assert!(
+        errs[0]
+            .hint
+            .as_deref()
+            .unwrap_or("")
+            .contains("attributes.order.id")
+    );
+    // Missing default set.
+    assert_error(
+        "select_set_by: deployment.environment\nsets:\n  production:\n    - name: a\n      action: keep\n",
+        2,
+        1,
+        "no `default` set",
+    );
+    // A rule after a catch-all can never match.
+    assert_error(
+        "rules:\n  - name: all\n    action: keep\n  - name: errors\n    when: {trace.has_error: true}\n    action: keep\n",
+        4,
+        11,
+        "can never match",
+    );
+    // Missing action, missing name, duplicate name.
+    assert_error(
+        "rules:\n  - name: a\n    when: {trace.has_error: true}\n",
+        2,
+        5,
+        "needs an `action`",
+    );
+    assert_error("rules:\n  - action: keep\n", 2, 5, "needs a `name`");
+    assert_error(
+        "rules:\n  - name: a\n    when: {trace.has_error: true}\n    action: keep\n  - name: a\n    action: drop\n",
+        5,
+        11,
+        "used twice",
+    );
+    // Wrong types elsewhere: a list instead of a mapping, an order on a boolean.
+    assert_error(
+        "rules:\n  - name: a\n    when: [x]\n    action: keep\n",
+        3,
+        11,
+        "must be a mapping",
+    );
+    assert_error(
+        "rules:\n  - name: a\n    when: { trace.has_error: { \">\": true } }\n    action: keep\n",
+        3,
+        32,
+        "no order",
+    );
+    // Bad actions.
+    assert_error(
+        "rules:\n  - name: a\n    action: { sample: { rate: 0 } }\n",
+        3,
+        31,
+        "at least 1",
+    );
+    assert_error(
+        "rules:\n  - name: a\n    action: keeps\n",
+        3,
+        13,
+        "not an action",
+    );
+    // Hash without a salt; salt_env naming an unset variable.
+    assert_error(
+        "rules:\n  - name: a\n    action: keep\nredact:\n  hash: [user.email]\n",
+        5,
+        3,
+        "needs a salt",
+    );
+    assert_error(
+        "rules:\n  - name: a\n    action: keep\nredact:\n  salt_env: NOPE\n  hash: [x]\n",
+        5,
+        13,
+        "NOPE is not set",
+    );
+    // YAML syntax.
+    let errs = errors("rules:\n  - name: [a\n");
+    assert!(errs[0].pos.line >= 2, "{:?}", errs[0]);
+}
+
+/// Every error is reported, not only the first, as `file:line:column`.
+#[test]
+fn all_errors_are_reported_with_the_file() {
+    let err = Rules::from_yaml_with_env(
+        "rules:\n  - name: a\n    acton: keep\n  - name: b\n    when: { nope: 1 }\n    action: keep\n",
+        "rules.yaml",
+        &env,
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("rules.yaml:3:5: unknown key `acton`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rules.yaml:5:13: unknown field `nope`"),
+        "{text}"
+    );
+    assert!(text.contains("hint:"), "{text}");
+}
+
+/// The shipped examples compile; the default example decides as the built-in policy does.
+#[test]
+fn examples_compile() {
+    let default = rules(include_str!("../examples/default.yaml"));
+    let pipeline = Rules::from_yaml_with_env(
+        include_str!("../examples/order-pipeline.yaml"),
+        "order-pipeline.yaml",
+        &|v| (v == "TAILGATE_REDACT_SALT").then(|| "s".to_owned()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(pipeline.len() > 8);
+    let builtin = Rules::default_policy(
+        Duration::from_secs(1),
+        crate::Probability::new(0.05).unwrap(),
+    );
+    let slow = trace(vec![("shop-api", sp(1, None).ms(0, 1500))]);
+    let failed = trace(vec![("shop-api", sp(1, None).error())]);
+    for t in [&slow, &failed] {
+        assert_eq!(decide(&default, t), decide(&builtin, t));
+    }
+    for n in 0..2000 {
+        let t = with_id(&order("x"), n);
+        assert_eq!(decide(&default, &t), decide(&builtin, &t), "trace {n}");
+    }
+}
+
+fn arbitrary_trace() -> impl Strategy<Value = (u64, Vec<(u8, bool, u64, u8)>)> {
+    // (trace number, spans as (service index, error, duration ms, kind))
+    (
+        any::<u64>(),
+        prop::collection::vec((0u8..4, any::<bool>(), 0u64..3000, 0u8..6), 1..12),
+    )
+}
+
+fn build(n: u64, spans: &[(u8, bool, u64, u8)]) -> T {
+    const SERVICES: [&str; 4] = ["shop-api", "crm-api", "mes-api", "mes-db"];
+    let spans = spans
+        .iter()
+        .enumerate()
+        .map(|(i, (svc, err, dur, kind))| {
+            let i = u8::try_from(i).unwrap_or(0) + 1;
+            let mut span = sp(i, (i > 1).then_some(1))
+                .ms(0, *dur)
+                .attr("order.id", s("o"));
+            span.kind = i32::from(*kind);
+            if *err {
+                span = span.error();
+            }
+            (resource(SERVICES[usize::from(*svc)], "production"), span)
+        })
+        .collect();
+    T(id(n), spans)
+}
+
+const STATELESS: &str = "rules:
+  - name: mes-errors
+    when:
+      any_span: { service.name: mes-api, status.code: ERROR }
+    action: keep
+  - name: slow
+    when: { trace.duration: { \">=\": 1s } }
+    action: { sample: { rate: 2 } }
+  - name: servers
+    when:
+      every_span: { span.kind: { in: [SERVER, CLIENT] } }
+    action: drop
+  - name: rest
+    action: { sample: { rate: 5 } }
+";
+
+proptest! {
+    /// A trace's decision does not depend on the order its spans arrived in,
+    /// nor on the node: a second, separately compiled copy of the rules agrees.
+    #[test]
+    fn decisions_ignore_arrival_order_and_node((n, spans) in arbitrary_trace(), seed in any::<u64>()) {
+        let node_a = rules(STATELESS);
+        let node_b = rules(STATELESS);
+        let t = build(n, &spans);
+        let mut shuffled = t.clone();
+        // A deterministic permutation from the seed.
+        let len = shuffled.1.len();
+        for i in (1..len).rev() {
+            let j = usize::try_from(seed.rotate_left(u32::try_from(i).unwrap_or(0)) % (i as u64 + 1)).unwrap_or(0);
+            shuffled.1.swap(i, j);
+        }
+        prop_assert_eq!(node_a.decide(&t, Instant::now()), node_b.decide(&shuffled, Instant::now()));
+    }
+
+    /// `sample: {rate: N}` keeps 1 in N within binomial bounds for any N.
+    #[test]
+    fn sample_keeps_one_in_n(rate in 1u32..50, offset in any::<u64>()) {
+        let r = rules(&format!("rules:\n  - name: s\n    action: {{ sample: {{ rate: {rate} }} }}\n"));
+        let n = 4000u64;
+        let base = order("x");
+        let kept = (0..n).filter(|i| r.decide(&with_id(&base, offset.wrapping_add(*i)), Instant::now()).is_keep()).count();
+        let p = 1.0 / f64::from(rate);
+        let mean = n as f64 * p;
+        let sd = (n as f64 * p * (1.0 - p)).sqrt();
+        prop_assert!((kept as f64 - mean).abs() <= 5.0 * sd + 1.0, "rate {} kept {} expected {}", rate, kept, mean);
+    }
+}
