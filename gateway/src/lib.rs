@@ -10,7 +10,8 @@
 //!
 //! [`pipeline`] conducts stages 2 to 5 for each request, [`node`] starts
 //! everything and shuts it down in order, [`admin`] serves metrics and
-//! health, and [`config`] turns the YAML file into checked settings.
+//! health, [`config`] turns the YAML file into checked settings, and
+//! [`tools`] backs `tailgate rules check|test`.
 
 pub mod buffer;
 pub mod decide;
@@ -23,3 +24,4 @@ pub mod config;
 pub mod metrics;
 pub mod node;
 pub mod pipeline;
+pub mod tools;

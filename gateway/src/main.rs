@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::{path::PathBuf, process::ExitCode};
-use tailgate_gateway::{config::RawConfig, node};
+use tailgate_gateway::{config::RawConfig, node, tools};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -34,9 +34,27 @@ enum Command {
         /// YAML configuration file; every key can be overridden by TAILGATE_<SECTION>__<KEY>.
         #[arg(long, env = "TAILGATE_CONFIG")]
         config: Option<PathBuf>,
-        /// Validate the configuration, print it, and exit.
+        /// Validate the configuration (and the rules file it names), print it, and exit.
         #[arg(long)]
         check_config: bool,
+    },
+    /// Work with a sampling rules file.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCommand {
+    /// Validate a rules file: print every error with file:line:column, exit non-zero on any.
+    Check { file: PathBuf },
+    /// Decide the traces of an OTLP/JSON file with a rules file, and print each decision.
+    Test {
+        file: PathBuf,
+        /// OTLP/JSON: one ExportTraceServiceRequest, or a list of them.
+        #[arg(long)]
+        traces: PathBuf,
     },
 }
 
@@ -97,6 +115,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let raw = RawConfig::load(config.as_deref(), std::env::vars())?;
             let cfg = raw.validate()?;
             if check_config {
+                if let Some(rules) = &cfg.rules.file {
+                    println!("{}", tools::check(rules)?);
+                }
                 println!("configuration is valid");
                 println!("{cfg:#?}");
                 return Ok(());
@@ -106,5 +127,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("gateway node failed")
         }
+        Command::Rules { command } => match command {
+            RulesCommand::Check { file } => {
+                println!("{}", tools::check(&file)?);
+                Ok(())
+            }
+            RulesCommand::Test { file, traces } => {
+                print!("{}", tools::test(&file, &traces)?);
+                Ok(())
+            }
+        },
     }
 }

@@ -19,7 +19,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("invalid sampling rules:\n{0}")]
+    #[error("invalid sampling rules")]
     Rules(#[from] tailgate_sampling_rules::RulesError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {

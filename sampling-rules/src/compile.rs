@@ -3,7 +3,7 @@
 
 use crate::{
     action::{Action, RateLimit, Throughput},
-    condition::{CmpOp, Condition, Literal, Test},
+    condition::{CmpOp, Condition, Literal, Op, Test},
     decision::RuleName,
     field::{Field, FieldType, SpanField},
     node::{Node, Pos, Value},
@@ -486,8 +486,8 @@ impl Compiler<'_> {
     /// `not-exists`, or a mapping of operators to values.
     fn tests(&mut self, ty: FieldType, node: &Node) -> Option<Vec<Test>> {
         match &node.value {
-            Value::Str(s) if s == "exists" => Some(vec![Test::Exists]),
-            Value::Str(s) if s == "not-exists" => Some(vec![Test::NotExists]),
+            Value::Str(s) if s == "exists" => Some(vec![Test::is(Op::Exists)]),
+            Value::Str(s) if s == "not-exists" => Some(vec![Test::not(Op::Exists)]),
             Value::Map(ops) => {
                 let mut out = Vec::new();
                 let mut ok = true;
@@ -515,7 +515,7 @@ impl Compiler<'_> {
                 );
                 None
             }
-            _ => Some(vec![Test::Cmp(CmpOp::Eq, self.literal(ty, node)?)]),
+            _ => Some(vec![Test::is(Op::Cmp(CmpOp::Eq, self.literal(ty, node)?))]),
         }
     }
 
@@ -528,19 +528,16 @@ impl Compiler<'_> {
             );
             return None;
         };
-        let cmp = |c| Some(c);
         let cmp_op = match name {
-            "=" => cmp(CmpOp::Eq),
-            "!=" => cmp(CmpOp::Ne),
-            ">" => cmp(CmpOp::Gt),
-            "<" => cmp(CmpOp::Lt),
-            ">=" => cmp(CmpOp::Ge),
-            "<=" => cmp(CmpOp::Le),
+            "=" | "!=" => Some(CmpOp::Eq),
+            ">" => Some(CmpOp::Gt),
+            "<" => Some(CmpOp::Lt),
+            ">=" => Some(CmpOp::Ge),
+            "<=" => Some(CmpOp::Le),
             _ => None,
         };
         if let Some(c) = cmp_op {
-            if !matches!(c, CmpOp::Eq | CmpOp::Ne)
-                && matches!(ty, FieldType::Bool | FieldType::Kind | FieldType::Status)
+            if c != CmpOp::Eq && matches!(ty, FieldType::Bool | FieldType::Kind | FieldType::Status)
             {
                 self.err(
                     op.pos,
@@ -549,7 +546,12 @@ impl Compiler<'_> {
                 );
                 return None;
             }
-            return Some(Test::Cmp(c, self.literal(ty, value)?));
+            let op = Op::Cmp(c, self.literal(ty, value)?);
+            return Some(if name == "!=" {
+                Test::not(op)
+            } else {
+                Test::is(op)
+            });
         }
         match name {
             "in" | "not-in" => {
@@ -562,9 +564,9 @@ impl Compiler<'_> {
                     .collect();
                 let lits = lits?;
                 Some(if name == "in" {
-                    Test::In(lits)
+                    Test::is(Op::In(lits))
                 } else {
-                    Test::NotIn(lits)
+                    Test::not(Op::In(lits))
                 })
             }
             "exists" | "not-exists" => {
@@ -577,9 +579,9 @@ impl Compiler<'_> {
                     return None;
                 }
                 Some(if name == "exists" {
-                    Test::Exists
+                    Test::is(Op::Exists)
                 } else {
-                    Test::NotExists
+                    Test::not(Op::Exists)
                 })
             }
             "starts-with" | "contains" | "does-not-contain" | "matches" => {
@@ -592,11 +594,11 @@ impl Compiler<'_> {
                     return None;
                 };
                 Some(match name {
-                    "starts-with" => Test::StartsWith(text),
-                    "contains" => Test::Contains(text),
-                    "does-not-contain" => Test::DoesNotContain(text),
+                    "starts-with" => Test::is(Op::StartsWith(text)),
+                    "contains" => Test::is(Op::Contains(text)),
+                    "does-not-contain" => Test::not(Op::Contains(text)),
                     _ => match Regex::new(&text) {
-                        Ok(re) => Test::Matches(re),
+                        Ok(re) => Test::is(Op::Matches(re)),
                         Err(e) => {
                             let last = regex_problem(&e);
                             self.err(value.pos, format!("invalid regular expression: {last}"), Some("the syntax is Rust's `regex` crate (no look-around or back-references)".into()));

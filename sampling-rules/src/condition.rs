@@ -20,10 +20,10 @@ pub enum Literal {
     Duration(u64),
 }
 
+/// A comparison; `!=` is a negated `=`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CmpOp {
     Eq,
-    Ne,
     Gt,
     Lt,
     Ge,
@@ -32,53 +32,69 @@ pub enum CmpOp {
 
 /// One operator applied to a field.
 #[derive(Clone, Debug)]
-pub enum Test {
+pub enum Op {
     Exists,
-    NotExists,
     Cmp(CmpOp, Literal),
     In(Vec<Literal>),
-    NotIn(Vec<Literal>),
     StartsWith(String),
     Contains(String),
-    DoesNotContain(String),
     Matches(Regex),
 }
 
+/// An operator, possibly negated. The negative operators (`!=`, `not-in`,
+/// `does-not-contain`, `not-exists`) are the exact opposite of their
+/// positive twin: they also hold where the field is missing.
+#[derive(Clone, Debug)]
+pub struct Test {
+    pub negate: bool,
+    pub op: Op,
+}
+
 impl Test {
-    /// The negative operators (`!=`, `not-in`, `does-not-contain`,
-    /// `not-exists`) are the exact opposite of their positive twin: they
-    /// also hold where the field is missing.
-    fn positive(&self) -> Option<Test> {
-        Some(match self {
-            Test::NotExists => Test::Exists,
-            Test::Cmp(CmpOp::Ne, lit) => Test::Cmp(CmpOp::Eq, lit.clone()),
-            Test::NotIn(list) => Test::In(list.clone()),
-            Test::DoesNotContain(s) => Test::Contains(s.clone()),
-            _ => return None,
-        })
+    pub fn is(op: Op) -> Self {
+        Self { negate: false, op }
     }
 
-    /// Whether one value passes a positive test.
+    pub fn not(op: Op) -> Self {
+        Self { negate: true, op }
+    }
+}
+
+impl Op {
+    /// Whether one value passes the (positive) operator.
+    #[inline]
     fn holds(&self, value: &FieldValue<'_>) -> bool {
+        // Strings are the common case: test them without building a `Cow`.
+        let text = |f: &dyn Fn(&str) -> bool| match value {
+            FieldValue::Str(s) => f(s),
+            other => f(&other.text()),
+        };
         match self {
-            Test::Exists => true,
-            Test::Cmp(op, lit) => compare(value, lit).is_some_and(|ord| match op {
+            Op::Exists => true,
+            Op::Cmp(CmpOp::Eq, lit) => equals(value, lit),
+            Op::Cmp(op, lit) => compare(value, lit).is_some_and(|ord| match op {
                 CmpOp::Eq => ord == Ordering::Equal,
-                CmpOp::Ne => ord != Ordering::Equal,
                 CmpOp::Gt => ord == Ordering::Greater,
                 CmpOp::Lt => ord == Ordering::Less,
                 CmpOp::Ge => ord != Ordering::Less,
                 CmpOp::Le => ord != Ordering::Greater,
             }),
-            Test::In(list) => list
-                .iter()
-                .any(|lit| compare(value, lit) == Some(Ordering::Equal)),
-            Test::StartsWith(p) => value.text().starts_with(p.as_str()),
-            Test::Contains(p) => value.text().contains(p.as_str()),
-            Test::Matches(re) => re.is_match(&value.text()),
-            // Negative tests are evaluated through their positive twin.
-            Test::NotExists | Test::NotIn(_) | Test::DoesNotContain(_) => false,
+            Op::In(list) => list.iter().any(|lit| equals(value, lit)),
+            Op::StartsWith(p) => text(&|s| s.starts_with(p.as_str())),
+            Op::Contains(p) => text(&|s| s.contains(p.as_str())),
+            Op::Matches(re) => text(&|s| re.is_match(s)),
         }
+    }
+}
+
+/// Equality, cheaper than a full ordering for strings (lengths first).
+fn equals(value: &FieldValue<'_>, lit: &Literal) -> bool {
+    match (value, lit) {
+        (FieldValue::Str(a), Literal::Str(b)) => a.as_ref() == b.as_str(),
+        (FieldValue::Int(a), Literal::Int(b)) => a == b,
+        (FieldValue::Bool(a), Literal::Bool(b)) => a == b,
+        (FieldValue::Duration(a), Literal::Duration(b)) => a == b,
+        _ => compare(value, lit) == Some(Ordering::Equal),
     }
 }
 
@@ -98,18 +114,13 @@ fn compare(value: &FieldValue<'_>, lit: &Literal) -> Option<Ordering> {
 }
 
 /// Whether a span field passes a test in one span.
+#[inline]
 fn span_test(field: &SpanField, test: &Test, span: &SpanRef<'_>) -> bool {
-    match test.positive() {
-        Some(positive) => !field.any_value(span, |v| positive.holds(v)),
-        None => field.any_value(span, |v| test.holds(v)),
-    }
+    field.any_value(span, |v| test.op.holds(v)) != test.negate
 }
 
 fn value_test(value: Option<FieldValue<'_>>, test: &Test) -> bool {
-    match test.positive() {
-        Some(positive) => !value.is_some_and(|v| positive.holds(&v)),
-        None => value.is_some_and(|v| test.holds(&v)),
-    }
+    value.is_some_and(|v| test.op.holds(&v)) != test.negate
 }
 
 #[derive(Clone, Debug)]
@@ -136,7 +147,9 @@ pub struct Facts<'a> {
 
 impl<'a> Facts<'a> {
     pub fn new<T: TraceView>(trace: &'a T) -> Self {
-        let spans: Vec<SpanRef<'a>> = trace.spans().collect();
+        // Most traces are small; one allocation instead of repeated growth.
+        let mut spans: Vec<SpanRef<'a>> = Vec::with_capacity(32);
+        spans.extend(trace.spans());
         let mut start = u64::MAX;
         let mut end = 0;
         let mut has_error = false;

@@ -18,6 +18,8 @@ pub enum SpanField {
     EventName,
     Attribute(String),
     ResourceAttribute(String),
+    /// The value of one entry of the span's W3C tracestate.
+    TraceState(String),
 }
 
 /// A fact about the whole trace.
@@ -79,7 +81,7 @@ impl FieldValue<'_> {
 }
 
 pub const TRACE_FIELDS: &str = "trace.duration, trace.span_count, trace.has_error, trace.has_root";
-pub const SPAN_FIELDS: &str = "service.name, span.name, span.kind, span.duration, status.code, status.message, scope.name, event.name, attributes.<key>, resource.<key>";
+pub const SPAN_FIELDS: &str = "service.name, span.name, span.kind, span.duration, status.code, status.message, scope.name, event.name, attributes.<key>, resource.<key>, trace_state.<key>";
 
 impl SpanField {
     pub fn parse(name: &str) -> Option<Self> {
@@ -97,6 +99,10 @@ impl SpanField {
                     SpanField::Attribute(key.to_owned())
                 } else if let Some(key) = name.strip_prefix("resource.").filter(|k| !k.is_empty()) {
                     SpanField::ResourceAttribute(key.to_owned())
+                } else if let Some(key) =
+                    name.strip_prefix("trace_state.").filter(|k| !k.is_empty())
+                {
+                    SpanField::TraceState(key.to_owned())
                 } else {
                     return None;
                 }
@@ -110,7 +116,8 @@ impl SpanField {
             | SpanField::SpanName
             | SpanField::StatusMessage
             | SpanField::ScopeName
-            | SpanField::EventName => FieldType::Text,
+            | SpanField::EventName
+            | SpanField::TraceState(_) => FieldType::Text,
             SpanField::SpanKind => FieldType::Kind,
             SpanField::SpanDuration => FieldType::Duration,
             SpanField::StatusCode => FieldType::Status,
@@ -137,6 +144,7 @@ impl SpanField {
     }
 
     /// The single value of the field in `span` (the first event's name for `event.name`).
+    #[inline]
     pub fn value<'a>(&self, span: &SpanRef<'a>) -> Option<FieldValue<'a>> {
         let s = span.span;
         match self {
@@ -168,10 +176,17 @@ impl SpanField {
             SpanField::ResourceAttribute(key) => {
                 attribute(span.resource.map_or(&[], |r| &r.attributes), key)
             }
+            SpanField::TraceState(key) => s
+                .trace_state
+                .split(',')
+                .filter_map(|member| member.trim().split_once('='))
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| FieldValue::Str(Cow::Borrowed(v))),
         }
     }
 }
 
+#[inline]
 fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<FieldValue<'a>> {
     let value = attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?;
     any_value(value)

@@ -4,7 +4,7 @@
 use crate::{
     action::Action,
     compile::{RulesError, compile},
-    condition::{CmpOp, Condition, Facts, Literal, Test},
+    condition::{CmpOp, Condition, Facts, Literal, Op, Test},
     decision::{Decision, RuleName},
     field::{FieldValue, SpanField, TraceField},
     node::Pos,
@@ -103,7 +103,7 @@ impl Rules {
                 "error",
                 Some(Condition::Trace(
                     TraceField::HasError,
-                    Test::Cmp(CmpOp::Eq, Literal::Bool(true)),
+                    Test::is(Op::Cmp(CmpOp::Eq, Literal::Bool(true))),
                 )),
                 Action::Keep,
             ),
@@ -111,10 +111,10 @@ impl Rules {
                 "slow",
                 Some(Condition::Trace(
                     TraceField::Duration,
-                    Test::Cmp(
+                    Test::is(Op::Cmp(
                         CmpOp::Ge,
                         Literal::Duration(u64::try_from(slow.as_nanos()).unwrap_or(u64::MAX)),
-                    ),
+                    )),
                 )),
                 Action::Keep,
             ),

@@ -266,6 +266,10 @@ fn builtin_fields() {
     assert!(hits("trace.has_error: false", &t));
     assert!(hits("trace.has_root: true", &t));
     assert!(hits("resource.deployment.environment: production", &t));
+    t.1[1].1.trace_state = "vendor=abc, ot=th:8".into();
+    assert!(hits("trace_state.vendor: abc", &t));
+    assert!(hits("trace_state.ot: { starts-with: \"th:\" }", &t));
+    assert!(hits("trace_state.other: not-exists", &t));
     t.1[2].1 = t.1[2].1.clone().error();
     assert!(hits("status.code: error", &t));
     assert!(hits("status.message: boom", &t));

@@ -1,0 +1,149 @@
+//! `tailgate rules check` and `tailgate rules test`: try a rules file
+//! before it ships.
+
+use crate::{
+    buffer::TakenTrace,
+    receive::decode_json,
+    route::{Fragment, split_by_trace},
+};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use std::{fmt::Write, path::Path, time::Instant};
+use tailgate_sampling_rules::{Decision, Rules, RulesError, SpanRef, TraceView};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: not OTLP/JSON traces (one ExportTraceServiceRequest, or a list of them): {message}"
+    )]
+    Traces { path: String, message: String },
+}
+
+/// Loads a rules file for checking on a workstation: an environment
+/// variable the file names (a redaction salt) that is not set here is
+/// replaced by a placeholder and reported in the returned notes, since the
+/// secret lives only where the gateway runs (which refuses to start without it).
+fn load(path: &Path) -> Result<(Rules, Vec<String>), ToolError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ToolError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let missing = std::cell::RefCell::new(Vec::new());
+    let env = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| {
+                missing.borrow_mut().push(format!(
+                "note: {var} is not set here; the gateway needs it set (checked with a placeholder)"
+            ));
+                Some("placeholder".to_owned())
+            })
+    };
+    let rules = Rules::from_yaml_with_env(&text, &shown, &env)?;
+    Ok((rules, missing.into_inner()))
+}
+
+/// Validates a rules file; on success, a summary line (and notes).
+pub fn check(path: &Path) -> Result<String, ToolError> {
+    let (rules, notes) = load(path)?;
+    let mut out = format!(
+        "{}: ok, {} rules, sha256 {}",
+        path.display(),
+        rules.len(),
+        rules.hash_hex()
+    );
+    for note in notes {
+        out.push('\n');
+        out.push_str(&note);
+    }
+    Ok(out)
+}
+
+/// Decides every trace in an OTLP/JSON file with the rules in `rules_path`
+/// and prints one line per trace: decision, rule, adjusted count.
+pub fn test(rules_path: &Path, traces_path: &Path) -> Result<String, ToolError> {
+    let (rules, _) = load(rules_path)?;
+    let shown = traces_path.display().to_string();
+    let text = std::fs::read(traces_path).map_err(|source| ToolError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let requests = parse_traces(&text).map_err(|message| ToolError::Traces {
+        path: shown,
+        message,
+    })?;
+    let traces = group(requests);
+    let now = Instant::now();
+    let mut out = format!(
+        "{:<32}  {:<8}  {:<24}  {:>14}  {:>5}  root\n",
+        "trace", "decision", "rule", "adjusted_count", "spans"
+    );
+    for t in &traces {
+        let (decision, rule, adjusted) = match rules.decide(t, now) {
+            Decision::Keep(k) => (
+                "keep",
+                k.rule.to_string(),
+                format!("{}", round(k.adjusted_count)),
+            ),
+            Decision::Drop { rule } => ("drop", rule.to_string(), "-".to_owned()),
+        };
+        let root = t.spans().find(SpanRef::is_root).map_or_else(
+            || "(no root)".to_owned(),
+            |s| format!("{} {:?}", s.service_name().unwrap_or("?"), s.span.name),
+        );
+        let _ = writeln!(
+            out,
+            "{:<32}  {decision:<8}  {rule:<24}  {adjusted:>14}  {:>5}  {root}",
+            t.trace_id.to_hex(),
+            t.span_count
+        );
+    }
+    Ok(out)
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn parse_traces(text: &[u8]) -> Result<Vec<ExportTraceServiceRequest>, String> {
+    let first = text.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        serde_json::from_slice(text).map_err(|e| e.to_string())
+    } else {
+        decode_json(text)
+            .map(|r| vec![r])
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Spans grouped by trace, in the order traces first appear.
+fn group(requests: Vec<ExportTraceServiceRequest>) -> Vec<TakenTrace> {
+    let mut traces: Vec<TakenTrace> = Vec::new();
+    for request in requests {
+        for batch in split_by_trace(request).batches {
+            let fragments: Vec<Fragment> = batch.fragments;
+            match traces.iter_mut().find(|t| t.trace_id == batch.trace_id) {
+                Some(t) => {
+                    t.fragments.extend(fragments);
+                    t.span_count += batch.span_count;
+                }
+                None => traces.push(TakenTrace {
+                    trace_id: batch.trace_id,
+                    fragments,
+                    span_count: batch.span_count,
+                    bytes: batch.bytes,
+                    received_at: tokio::time::Instant::now(),
+                }),
+            }
+        }
+    }
+    traces
+}
