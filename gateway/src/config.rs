@@ -6,7 +6,7 @@
 //! turns it into the runtime [`Config`] with checked types (`Duration`,
 //! `NonZeroUsize`, `Probability`). Option names carry their unit.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::{net::SocketAddr, num::NonZeroUsize, path::Path, time::Duration};
 use tailgate_sampling_rules::{Probability, ProbabilityError};
 
@@ -273,15 +273,17 @@ pub struct Rabbitmq {
     pub max_backoff: Duration,
 }
 
-impl RawConfig {
+/// Loading for any configuration file of Tailgate (the gateway's, the
+/// ingester's): YAML with every key defaulted, then environment overrides.
+pub trait ConfigFile: Serialize + DeserializeOwned + Default {
     /// Reads `path` (or the defaults when `None`) and applies the overrides
     /// in `env`, which is `std::env::vars()` in production.
-    pub fn load(
+    fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let raw = match path {
-            None => RawConfig::default(),
+            None => Self::default(),
             Some(path) => {
                 let shown = path.display().to_string();
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -298,7 +300,7 @@ impl RawConfig {
     }
 
     /// Parses YAML; the error names the line and column.
-    pub fn from_yaml(text: &str) -> Result<Self, String> {
+    fn from_yaml(text: &str) -> Result<Self, String> {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
@@ -308,7 +310,7 @@ impl RawConfig {
     /// Lays `TAILGATE_<SECTION>__<KEY>=value` variables over the file.
     /// A value is read as the type the key already has, so `TAILGATE_RABBITMQ__EXCHANGE=123`
     /// stays a string; other `TAILGATE_*` variables (without `__`) are not configuration.
-    pub fn with_env_overrides(
+    fn with_env_overrides(
         self,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
@@ -345,7 +347,11 @@ impl RawConfig {
         }
         serde_json::from_value(tree).map_err(|e| env_err("TAILGATE_*", e.to_string()))
     }
+}
 
+impl<T: Serialize + DeserializeOwned + Default> ConfigFile for T {}
+
+impl RawConfig {
     /// Checks every value and converts it to its runtime type.
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let r = &self.receiver;

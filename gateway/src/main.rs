@@ -3,7 +3,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::{path::PathBuf, process::ExitCode};
-use tailgate_gateway::{config::RawConfig, node, tools};
+use tailgate_gateway::{
+    config::{ConfigFile, RawConfig},
+    node, tools,
+};
+use tailgate_ingester::{config::RawIngesterConfig, node as ingester};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -38,11 +42,28 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
+    /// Run the ingester: kept traces from RabbitMQ into ClickHouse.
+    Ingester {
+        /// YAML configuration file; every key can be overridden by TAILGATE_<SECTION>__<KEY>.
+        #[arg(long, env = "TAILGATE_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        /// Validate the configuration, print it, and exit.
+        #[arg(long)]
+        check_config: bool,
+        #[command(subcommand)]
+        command: Option<IngesterCommand>,
+    },
     /// Work with a sampling rules file.
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum IngesterCommand {
+    /// Create or update the ClickHouse schema (database, tables, views, TTLs), then exit.
+    Migrate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +147,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node::run(cfg, shutdown_signal())
                 .await
                 .context("gateway node failed")
+        }
+        Command::Ingester {
+            config,
+            check_config,
+            command,
+        } => {
+            let raw = RawIngesterConfig::load(config.as_deref(), std::env::vars())?;
+            let cfg = raw.validate()?;
+            if check_config {
+                println!("configuration is valid");
+                println!("{cfg:#?}");
+                return Ok(());
+            }
+            init_logging(cli.log_format);
+            match command {
+                Some(IngesterCommand::Migrate) => ingester::migrate(&cfg).await?,
+                None => ingester::run(cfg, shutdown_signal()).await?,
+            }
+            Ok(())
         }
         Command::Rules { command } => match command {
             RulesCommand::Check { file } => {

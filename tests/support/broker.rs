@@ -165,6 +165,61 @@ impl TestQueue {
         out
     }
 
+    /// Publishes raw bytes to the test's exchange, as a misbehaving producer would.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], message_id: &str) {
+        let props = lapin::BasicProperties::default()
+            .with_message_id(message_id.into())
+            .with_delivery_mode(2);
+        self.channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish");
+    }
+
+    /// The next message of another queue (polled: `basic_get`), or `None` after `PATIENCE`.
+    pub async fn get_from(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let got = self
+                .channel
+                .basic_get(
+                    queue.into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic_get");
+            if got.is_some() || tokio::time::Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Deletes queues and exchanges other processes declared for this test.
+    pub async fn delete_others(&self, queues: &[&str], exchanges: &[&str]) {
+        for queue in queues {
+            let _ = self
+                .channel
+                .queue_delete(
+                    (*queue).into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        for exchange in exchanges {
+            let _ = self
+                .channel
+                .exchange_delete((*exchange).into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+
     /// Removes the test's exchange (the queue goes with the connection).
     pub async fn delete(self) {
         let _ = self

@@ -1,4 +1,5 @@
-//! A `tailgate gateway` child process on loopback ports picked by the OS.
+//! `tailgate` child processes (gateway, ingester) on loopback ports picked
+//! by the OS, found through the "ready" line they log.
 
 use super::PATIENCE;
 use std::{
@@ -9,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub struct Gateway {
+/// A running `tailgate` process.
+pub struct Tailgate {
     child: Option<Child>,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
@@ -17,29 +19,67 @@ pub struct Gateway {
     logs: Arc<Mutex<Vec<String>>>,
 }
 
+/// The gateway role.
+pub type Gateway = Tailgate;
+
 fn field(line: &serde_json::Value, name: &str) -> Option<SocketAddr> {
     line.get("fields")?.get(name)?.as_str()?.parse().ok()
 }
 
-impl Gateway {
-    /// Starts a node whose ports are all chosen by the OS, publishing to
+const UNUSED: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    0,
+));
+
+impl Tailgate {
+    /// Starts a gateway whose ports are all chosen by the OS, publishing to
     /// `exchange` at `amqp_url`; `env` adds `TAILGATE_*` overrides.
     pub fn start(amqp_url: &str, exchange: &str, env: &[(&str, &str)]) -> Self {
+        let base = [
+            ("TAILGATE_RECEIVER__GRPC_LISTEN", "127.0.0.1:0"),
+            ("TAILGATE_RECEIVER__HTTP_LISTEN", "127.0.0.1:0"),
+            ("TAILGATE_RABBITMQ__URL", amqp_url),
+            ("TAILGATE_RABBITMQ__EXCHANGE", exchange),
+            ("TAILGATE_RABBITMQ__MAX_BACKOFF_SECS", "1"),
+            ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "0.2"),
+        ];
+        Self::spawn(&["gateway"], "tailgate gateway ready", &base, env)
+    }
+
+    /// Starts an ingester; `env` names its queue, database and so on.
+    pub fn ingester(env: &[(&str, &str)]) -> Self {
+        let base = [
+            ("TAILGATE_RABBITMQ__MAX_BACKOFF_SECS", "1"),
+            ("TAILGATE_CLICKHOUSE__MAX_BACKOFF_SECS", "1"),
+        ];
+        Self::spawn(&["ingester"], "tailgate ingester ready", &base, env)
+    }
+
+    /// Runs `tailgate <args>` to completion with `env`; returns its output.
+    pub fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailgate"));
-        cmd.arg("gateway")
+        cmd.args(args).stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run tailgate")
+    }
+
+    fn spawn(
+        args: &[&str],
+        ready_message: &'static str,
+        base: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailgate"));
+        cmd.args(args)
             .env("TAILGATE_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
-            .env("TAILGATE_RECEIVER__GRPC_LISTEN", "127.0.0.1:0")
-            .env("TAILGATE_RECEIVER__HTTP_LISTEN", "127.0.0.1:0")
             .env("TAILGATE_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("TAILGATE_RABBITMQ__URL", amqp_url)
-            .env("TAILGATE_RABBITMQ__EXCHANGE", exchange)
-            .env("TAILGATE_RABBITMQ__MAX_BACKOFF_SECS", "1")
-            .env("TAILGATE_BUFFER__DECISION_WAIT_SECS", "0.2")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (k, v) in env {
+        for (k, v) in base.iter().chain(env) {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start tailgate");
@@ -52,7 +92,7 @@ impl Gateway {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
                         let msg = json.get("fields").and_then(|f| f.get("message"));
-                        if msg.and_then(|m| m.as_str()) == Some("tailgate gateway ready") {
+                        if msg.and_then(|m| m.as_str()) == Some(ready_message) {
                             let _ = ready_tx.send((
                                 field(&json, "grpc"),
                                 field(&json, "http"),
@@ -65,14 +105,15 @@ impl Gateway {
             });
         }
         let ready = ready_rx.recv_timeout(PATIENCE);
-        let Ok((Some(grpc), Some(http), Some(admin))) = ready else {
+        let Ok((grpc, http, Some(admin))) = ready else {
             let _ = child.kill();
             panic!(
-                "gateway did not become ready: {:?}\n{}",
+                "tailgate {args:?} did not become ready: {:?}\n{}",
                 ready,
                 logs.lock().unwrap().join("\n")
             );
         };
+        let (grpc, http) = (grpc.unwrap_or(UNUSED), http.unwrap_or(UNUSED));
         Self {
             child: Some(child),
             grpc,
@@ -149,8 +190,16 @@ impl Gateway {
             let _ = tx.send(child.wait());
         });
         rx.recv_timeout(PATIENCE)
-            .unwrap_or_else(|_| panic!("gateway did not exit after SIGTERM\n{}", self.logs()))
+            .unwrap_or_else(|_| panic!("tailgate did not exit after SIGTERM\n{}", self.logs()))
             .expect("wait")
+    }
+
+    /// SIGKILL: the process dies at once, whatever it was doing.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill");
+            child.wait().expect("wait");
+        }
     }
 }
 
@@ -173,7 +222,7 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-impl Drop for Gateway {
+impl Drop for Tailgate {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod broker;
+pub mod clickhouse;
 pub mod gateway;
 pub mod otlp;
 

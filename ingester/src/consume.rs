@@ -1,0 +1,373 @@
+//! The RabbitMQ side: declare the queue topology, consume in batches, and
+//! acknowledge only what ClickHouse has confirmed.
+//!
+//! A batch is whatever arrived within `batch.max_wait_secs`, at most
+//! `prefetch` messages (the broker sends no more until some are acked, which
+//! is what bounds memory and pauses consumption while ClickHouse is down).
+//! The batch is inserted, retried with backoff until ClickHouse takes it, and
+//! only then acknowledged, with one `multiple` ack.
+
+use crate::{
+    config::IngesterConfig,
+    metrics::Metrics,
+    rows::{Sampling, rows},
+    store::{Pending, Store},
+};
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString},
+};
+use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// Header added to dead-lettered messages, saying why.
+pub const DEAD_LETTER_REASON: &str = "x-tailgate-dead-letter-reason";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the consumer was cancelled by the broker")]
+    Cancelled,
+    #[error("the dead-letter exchange did not confirm a message")]
+    DeadLetterNotConfirmed,
+}
+
+struct Intake {
+    _connection: Connection,
+    channel: Channel,
+    consumer: Consumer,
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+async fn connect(cfg: &IngesterConfig) -> Result<Intake, IntakeError> {
+    let r = &cfg.rabbitmq;
+    let connection = Connection::connect(
+        &r.url,
+        ConnectionProperties::default().with_connection_name("tailgate-ingester".into()),
+    )
+    .await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    channel
+        .basic_qos(r.prefetch, BasicQosOptions::default())
+        .await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    // Declared exactly as the gateway declares it, so either may start first.
+    channel
+        .exchange_declare(
+            r.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            r.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let quorum = |args: &mut FieldTable| {
+        args.insert("x-queue-type".into(), text("quorum"));
+    };
+    let mut dlq_args = FieldTable::default();
+    quorum(&mut dlq_args);
+    let queue_opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(r.dead_letter_queue.as_str().into(), queue_opts, dlq_args)
+        .await?;
+    channel
+        .queue_bind(
+            r.dead_letter_queue.as_str().into(),
+            r.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut args = FieldTable::default();
+    quorum(&mut args);
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        text(&r.dead_letter_exchange),
+    );
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(r.delivery_limit)),
+    );
+    channel
+        .queue_declare(r.queue.as_str().into(), queue_opts, args)
+        .await?;
+    channel
+        .queue_bind(
+            r.queue.as_str().into(),
+            r.exchange.as_str().into(),
+            r.binding_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            r.queue.as_str().into(),
+            "tailgate-ingester".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(Intake {
+        _connection: connection,
+        channel,
+        consumer,
+    })
+}
+
+fn header<'a>(props: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref()?.inner().get(key)
+}
+
+/// The decision the gateway recorded in the message headers.
+fn sampling(props: &BasicProperties) -> Sampling {
+    let rule = match header(props, "sampling_rule") {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        Some(AMQPValue::ShortString(s)) => s.to_string(),
+        _ => String::new(),
+    };
+    let adjusted_count = match header(props, "adjusted_count") {
+        Some(AMQPValue::Double(d)) => *d,
+        Some(AMQPValue::Float(f)) => f64::from(*f),
+        #[allow(clippy::cast_precision_loss)]
+        Some(AMQPValue::LongLongInt(i)) => *i as f64,
+        Some(AMQPValue::LongInt(i)) => f64::from(*i),
+        _ => 1.0,
+    };
+    Sampling {
+        rule,
+        adjusted_count,
+    }
+}
+
+/// The message's ID; a message without one is identified by its content,
+/// which is stable across redeliveries.
+fn message_id(d: &Delivery) -> String {
+    match d.properties.message_id() {
+        Some(id) if !id.as_str().is_empty() => id.to_string(),
+        _ => {
+            let digest = Sha256::digest(&d.data);
+            digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+        }
+    }
+}
+
+/// Copies an undecodable message to the dead-letter exchange with the reason
+/// in a header, and waits for the broker's confirm.
+async fn dead_letter(
+    channel: &Channel,
+    cfg: &IngesterConfig,
+    d: &Delivery,
+    reason: &str,
+) -> Result<(), IntakeError> {
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    headers.insert(DEAD_LETTER_REASON.into(), text(reason));
+    headers.insert(
+        "x-tailgate-original-routing-key".into(),
+        text(d.routing_key.as_str()),
+    );
+    let props = d.properties.clone().with_headers(headers);
+    let confirm = channel
+        .basic_publish(
+            cfg.rabbitmq.dead_letter_exchange.as_str().into(),
+            d.routing_key.clone(),
+            BasicPublishOptions::default(),
+            &d.data,
+            props,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        _ => Err(IntakeError::DeadLetterNotConfirmed),
+    }
+}
+
+/// Waits for the first message, then gathers more until `max_wait` or a full batch.
+async fn next_batch(
+    consumer: &mut Consumer,
+    max: usize,
+    max_wait: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<Vec<Delivery>>, IntakeError> {
+    let first = tokio::select! {
+        d = consumer.next() => d,
+        _ = stop.wait_for(|s| *s) => return Ok(None),
+    };
+    let first = first.ok_or(IntakeError::Cancelled)??;
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + max_wait;
+    while batch.len() < max {
+        tokio::select! {
+            d = consumer.next() => batch.push(d.ok_or(IntakeError::Cancelled)??),
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    Ok(Some(batch))
+}
+
+/// Consumes until `stop` turns true; reconnects to the broker as needed.
+pub async fn run(
+    cfg: &IngesterConfig,
+    store: &Store,
+    metrics: &Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let max_backoff = Duration::from_secs(cfg.rabbitmq.max_backoff_secs.max(1));
+    while !*stop.borrow() {
+        match connect(cfg).await {
+            Ok(mut intake) => {
+                info!(queue = %cfg.rabbitmq.queue, "consuming");
+                metrics.broker_connected.set(1);
+                backoff = Duration::from_millis(100);
+                let result = consume(cfg, store, metrics, &mut intake, &mut stop).await;
+                metrics.broker_connected.set(0);
+                match result {
+                    Ok(()) => {
+                        // Stopping: unacked prefetched messages go back to the queue.
+                        let _ = intake.channel.close(200, "shutting down".into()).await;
+                        return;
+                    }
+                    Err(e) => warn!(error = %e, "lost the broker; reconnecting"),
+                }
+            }
+            Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot reach the broker"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+async fn consume(
+    cfg: &IngesterConfig,
+    store: &Store,
+    metrics: &Metrics,
+    intake: &mut Intake,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), IntakeError> {
+    let max = usize::from(cfg.rabbitmq.prefetch);
+    loop {
+        let Some(batch) = next_batch(&mut intake.consumer, max, cfg.max_wait, stop).await? else {
+            return Ok(());
+        };
+        metrics.consumed_messages.inc_by(batch.len() as u64);
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut bytes = 0u64;
+        for d in &batch {
+            let id = message_id(d);
+            match rows(&d.data, &id, &sampling(&d.properties), &cfg.retention) {
+                Ok(rows) => {
+                    bytes += d.data.len() as u64;
+                    pending.push(Pending {
+                        message_id: id,
+                        rows,
+                    });
+                }
+                Err(e) => {
+                    error!(message_id = %id, routing_key = %d.routing_key, error = %e, "dead-lettering an undecodable message");
+                    dead_letter(&intake.channel, cfg, d, &e.to_string()).await?;
+                    metrics.dead_lettered("undecodable");
+                }
+            }
+        }
+        if !store_batch(cfg, store, metrics, &pending, bytes, stop).await {
+            // Stopping with ClickHouse still refusing: leave the batch unacked
+            // for redelivery rather than lose it.
+            return Ok(());
+        }
+        if let Some(last) = batch.last() {
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            metrics.acked_messages.inc_by(batch.len() as u64);
+        }
+    }
+}
+
+/// Inserts until ClickHouse confirms. Returns false only when stopping and
+/// the shutdown grace period is over.
+async fn store_batch(
+    cfg: &IngesterConfig,
+    store: &Store,
+    metrics: &Metrics,
+    pending: &[Pending],
+    bytes: u64,
+    stop: &watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    let mut stop_deadline: Option<Instant> = None;
+    let mut attempt = 0u32;
+    loop {
+        if attempt > 0 {
+            metrics.insert_retries.inc();
+        }
+        attempt += 1;
+        let started = Instant::now();
+        match store.insert(pending).await {
+            Ok(stored) => {
+                metrics.clickhouse_up.set(1);
+                metrics
+                    .insert_duration
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.inserted_rows.inc_by(stored.rows as u64);
+                metrics.inserted_bytes.inc_by(bytes);
+                metrics.duplicate_messages.inc_by(stored.duplicates as u64);
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    metrics.batch_rows.observe(stored.rows as f64);
+                    metrics.batch_messages.observe(pending.len() as f64);
+                }
+                return true;
+            }
+            Err(e) => {
+                metrics.clickhouse_up.set(0);
+                metrics.insert_failures.inc();
+                warn!(error = %e, attempt, retry_in = ?backoff, messages = pending.len(), "insert failed; nothing acknowledged, retrying");
+            }
+        }
+        if *stop.borrow() {
+            let deadline =
+                *stop_deadline.get_or_insert_with(|| Instant::now() + cfg.shutdown_grace);
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(cfg.clickhouse.max_backoff);
+    }
+}

@@ -1,0 +1,15 @@
+//! The Tailgate ingester: kept traces from the RabbitMQ topic into
+//! ClickHouse, at least once and without duplicates, aged through
+//! retention tiers.
+//!
+//! A message's path: [`consume`] (queue topology, batches, acks) →
+//! [`rows`] (OTLP into span rows) → [`store`] (idempotent inserts).
+//! [`schema`] is `migrate`; [`config`] and [`node`] set it all up.
+
+pub mod config;
+pub mod consume;
+pub mod metrics;
+pub mod node;
+pub mod rows;
+pub mod schema;
+pub mod store;

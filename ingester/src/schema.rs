@@ -1,0 +1,215 @@
+//! The ClickHouse schema and `migrate`.
+//!
+//! The spans table follows the OpenTelemetry Collector's ClickHouse exporter
+//! (`otel_traces`), so Grafana's ClickHouse plugin reads it unchanged, plus
+//! Tailgate's columns: the sampling rule, the adjusted count, the retention
+//! class and the message ID.
+//!
+//! Retention: the class is part of the partition key, so every part holds
+//! rows of one day and one class, and a single `DELETE` TTL whose interval
+//! depends on the class drops whole parts (`ttl_only_drop_parts`). (`DELETE
+//! WHERE` TTL rules would never fire with `ttl_only_drop_parts`.) The
+//! retention days live in the TTL expression, not in the rows, so changing
+//! them and running `migrate` again (`MODIFY TTL`) applies to stored data too.
+
+use crate::config::{IngesterConfig, Retention};
+
+/// Table names derived from the configuration.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub database: String,
+    /// The spans table's name without the database (the client inserts into its database).
+    pub spans_name: String,
+    /// `db.otel_traces`
+    pub spans: String,
+    /// `db.otel_traces_trace_id_ts`: first and last timestamp of each trace.
+    pub trace_ids: String,
+    /// `db.otel_traces_message_ids`: messages already stored, to skip duplicates.
+    pub message_ids: String,
+}
+
+impl Tables {
+    pub fn new(cfg: &IngesterConfig) -> Self {
+        let db = &cfg.clickhouse.database;
+        let t = &cfg.clickhouse.table;
+        Self {
+            database: db.clone(),
+            spans_name: t.clone(),
+            spans: format!("{db}.{t}"),
+            trace_ids: format!("{db}.{t}_trace_id_ts"),
+            message_ids: format!("{db}.{t}_message_ids"),
+        }
+    }
+}
+
+/// `toIntervalDay(...)` of a row's retention.
+fn retention_days(r: &Retention, class_column: &str) -> String {
+    format!(
+        "toIntervalDay(if({class_column} = 'long', {}, {}))",
+        r.long_days, r.short_days
+    )
+}
+
+/// The spans table's TTL: volume moves (only with a storage policy), then deletion by class.
+pub fn spans_ttl(r: &Retention) -> String {
+    let ts = "toDateTime(Timestamp)";
+    let mut parts = Vec::new();
+    if r.storage_policy.is_some() {
+        parts.push(format!(
+            "{ts} + toIntervalDay({}) TO VOLUME 'warm'",
+            r.hot_days
+        ));
+        parts.push(format!(
+            "{ts} + toIntervalDay({}) TO VOLUME 'cold'",
+            r.warm_until_days
+        ));
+    }
+    parts.push(format!("{ts} + {}", retention_days(r, "RetentionClass")));
+    parts.join(",\n    ")
+}
+
+fn trace_ids_ttl(r: &Retention) -> String {
+    format!("Start + {}", retention_days(r, "RetentionClass"))
+}
+
+/// Every statement of `migrate`, in order. Each is idempotent; the last
+/// ones re-apply the TTLs from the configuration.
+pub fn statements(cfg: &IngesterConfig) -> Vec<String> {
+    let t = Tables::new(cfg);
+    let r = &cfg.retention;
+    let policy = r
+        .storage_policy
+        .as_ref()
+        .map_or_else(String::new, |p| format!(", storage_policy = '{p}'"));
+    let dedup_days = cfg.clickhouse.dedup_window_days;
+    vec![
+        format!("CREATE DATABASE IF NOT EXISTS {}", t.database),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {spans} (
+    Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)),
+    SpanKind LowCardinality(String) CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration UInt64 CODEC(ZSTD(1)),
+    StatusCode LowCardinality(String) CODEC(ZSTD(1)),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    SamplingRule LowCardinality(String) CODEC(ZSTD(1)),
+    AdjustedCount Float64 CODEC(ZSTD(1)),
+    RetentionClass LowCardinality(String) CODEC(ZSTD(1)),
+    MessageId String CODEC(ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1
+) ENGINE = MergeTree
+PARTITION BY (toDate(Timestamp), RetentionClass)
+ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
+TTL {ttl}
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000{policy}",
+            spans = t.spans,
+            ttl = spans_ttl(r),
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {trace_ids} (
+    TraceId String CODEC(ZSTD(1)),
+    Start DateTime CODEC(Delta, ZSTD(1)),
+    End DateTime CODEC(Delta, ZSTD(1)),
+    RetentionClass LowCardinality(String) CODEC(ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = MergeTree
+PARTITION BY (toDate(Start), RetentionClass)
+ORDER BY (TraceId, Start)
+TTL {ttl}
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000",
+            trace_ids = t.trace_ids,
+            ttl = trace_ids_ttl(r),
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {trace_ids}_mv TO {trace_ids} AS
+SELECT TraceId, min(toDateTime(Timestamp)) AS Start, max(toDateTime(Timestamp)) AS End, any(RetentionClass) AS RetentionClass
+FROM {spans} WHERE TraceId != '' GROUP BY TraceId",
+            trace_ids = t.trace_ids,
+            spans = t.spans,
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ids} (
+    MessageId String,
+    Inserted DateTime DEFAULT now()
+) ENGINE = MergeTree
+ORDER BY MessageId
+TTL Inserted + toIntervalDay({dedup_days})
+SETTINGS non_replicated_deduplication_window = 10000",
+            ids = t.message_ids,
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {ids}_mv TO {ids} AS
+SELECT MessageId FROM {spans} GROUP BY MessageId",
+            ids = t.message_ids,
+            spans = t.spans,
+        ),
+        format!("ALTER TABLE {} MODIFY TTL {}", t.spans, spans_ttl(r)),
+        format!("ALTER TABLE {} MODIFY TTL {}", t.trace_ids, trace_ids_ttl(r)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawIngesterConfig;
+
+    /// Without a storage policy there are no volume moves; with one, hot →
+    /// warm → cold, then a single DELETE whose interval depends on the class.
+    #[test]
+    fn ttl_expressions() {
+        let mut raw = RawIngesterConfig::default();
+        let plain = spans_ttl(&raw.validate().unwrap().retention);
+        assert_eq!(
+            plain,
+            "toDateTime(Timestamp) + toIntervalDay(if(RetentionClass = 'long', 90, 14))"
+        );
+        raw.retention.storage_policy = "tiered".into();
+        let tiered = spans_ttl(&raw.validate().unwrap().retention);
+        assert!(
+            tiered.contains("toIntervalDay(3) TO VOLUME 'warm'"),
+            "{tiered}"
+        );
+        assert!(
+            tiered.contains("toIntervalDay(30) TO VOLUME 'cold'"),
+            "{tiered}"
+        );
+        assert!(!tiered.contains("DELETE WHERE"));
+    }
+
+    /// The class is in the partition key of both retained tables, and
+    /// migrate re-applies the configured TTLs.
+    #[test]
+    fn statements_are_idempotent_and_partitioned_by_class() {
+        let s = statements(&RawIngesterConfig::default().validate().unwrap());
+        assert!(s.iter().take(6).all(|q| q.contains("IF NOT EXISTS")));
+        assert!(s[1].contains("PARTITION BY (toDate(Timestamp), RetentionClass)"));
+        assert!(s[2].contains("PARTITION BY (toDate(Start), RetentionClass)"));
+        assert!(s[1].contains("ttl_only_drop_parts = 1"));
+        assert!(s[6].starts_with("ALTER TABLE tailgate.otel_traces MODIFY TTL"));
+    }
+}

@@ -1,0 +1,504 @@
+//! The whole pipeline: gateway → RabbitMQ → ingester → ClickHouse engine.
+//! Each test has its own exchange, queues and database, and its own
+//! ClickHouse engine (the chDB front, or `TAILGATE_TEST_CLICKHOUSE_URL`).
+
+// Test code reports failures by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+use serde_json::json;
+use support::{
+    amqp_url,
+    broker::TestQueue,
+    clickhouse::ClickHouse,
+    gateway::{Gateway, Tailgate},
+    otlp::{self, OrderSpan, hex, kv, order_trace, trace_id},
+};
+
+/// Names of one test's ingest topology and database.
+struct Ingest {
+    queue: String,
+    dlx: String,
+    dlq: String,
+    db: String,
+}
+
+impl Ingest {
+    fn new(q: &TestQueue) -> Self {
+        let db = format!(
+            "t{}",
+            hex(&trace_id(
+                std::process::id().into(),
+                q.exchange.len() as u64
+            ))[..12]
+                .to_owned()
+        );
+        let db = format!("{db}_{}", q.exchange.rsplit('.').next().unwrap_or("0"));
+        Self {
+            queue: format!("{}.ingest", q.exchange),
+            dlx: format!("{}.dlx", q.exchange),
+            dlq: format!("{}.dlq", q.exchange),
+            db,
+        }
+    }
+
+    /// `TAILGATE_*` settings of an ingester for this test, plus `extra`.
+    fn env(&self, q: &TestQueue, ch: &ClickHouse, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("TAILGATE_RABBITMQ__URL", amqp_url()),
+            ("TAILGATE_RABBITMQ__EXCHANGE", q.exchange.clone()),
+            ("TAILGATE_RABBITMQ__QUEUE", self.queue.clone()),
+            ("TAILGATE_RABBITMQ__DEAD_LETTER_EXCHANGE", self.dlx.clone()),
+            ("TAILGATE_RABBITMQ__DEAD_LETTER_QUEUE", self.dlq.clone()),
+            ("TAILGATE_CLICKHOUSE__URL", ch.url.clone()),
+            ("TAILGATE_CLICKHOUSE__DATABASE", self.db.clone()),
+            ("TAILGATE_BATCH__MAX_WAIT_SECS", "0.1".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        env
+    }
+
+    /// Starts an ingester and waits until it consumes (its queue topology exists).
+    async fn start(&self, q: &TestQueue, ch: &ClickHouse, extra: &[(&str, &str)]) -> Tailgate {
+        let env = self.env(q, ch, extra);
+        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let ing = Tailgate::ingester(&refs);
+        ing.wait_metric("tailgate_ingester_broker_connected", &[], 1.0)
+            .await;
+        ing
+    }
+
+    async fn cleanup(self, q: TestQueue) {
+        q.delete_others(&[&self.queue, &self.dlq], &[&self.dlx])
+            .await;
+        q.delete().await;
+    }
+}
+
+/// A gateway that keeps every trace (rule `random` at 100%, adjusted count 1).
+fn keep_all_gateway(q: &TestQueue) -> Gateway {
+    Gateway::start(
+        &amqp_url(),
+        &q.exchange,
+        &[("TAILGATE_POLICY__RANDOM_SHARE", "1")],
+    )
+}
+
+fn str_of(v: &serde_json::Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+/// Every kept span arrives with every field right (attributes, events,
+/// links, status, resource, scope, sampling columns), and the trace is found
+/// by ID through the lookup table.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_spans_arrive_with_every_field() {
+    let ch = ClickHouse::start();
+    let q = TestQueue::new("ing-fields").await;
+    let names = Ingest::new(&q);
+    let ing = names.start(&q, &ch, &[]).await;
+    let gw = Gateway::start(&amqp_url(), &q.exchange, &[]);
+    let id = trace_id(31, 1);
+    let mut spans: Vec<OrderSpan> = order_trace(id, 120, Some("PRICE_CALCULATED failed"));
+    let mes = &mut spans[2].span;
+    mes.trace_state = "vendor=x".into();
+    mes.events.push(Event {
+        time_unix_nano: mes.start_time_unix_nano + 5_000,
+        name: "exception".into(),
+        attributes: vec![kv("exception.type", "TimeoutError")],
+        ..Default::default()
+    });
+    mes.links.push(Link {
+        trace_id: trace_id(31, 2).to_vec(),
+        span_id: vec![9; 8],
+        trace_state: "a=b".into(),
+        attributes: vec![kv("link.reason", "retry")],
+        ..Default::default()
+    });
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 3.0)
+        .await;
+
+    let table = format!("{}.otel_traces", names.db);
+    let rows = ch
+        .json_rows(&format!(
+            "SELECT * FROM {table} WHERE TraceId = '{}' ORDER BY SpanId",
+            hex(&id)
+        ))
+        .await;
+    assert_eq!(rows.len(), 3);
+    let root = &rows[0];
+    assert_eq!(str_of(&root["SpanId"]), "01".repeat(8));
+    assert_eq!(str_of(&root["ParentSpanId"]), "");
+    assert_eq!(str_of(&root["ServiceName"]), "shop-api");
+    assert_eq!(str_of(&root["SpanName"]), "POST /orders");
+    assert_eq!(str_of(&root["SpanKind"]), "Server");
+    assert_eq!(str_of(&root["Duration"]), "120000000");
+    assert_eq!(
+        str_of(&root["ResourceAttributes"]["deployment.environment"]),
+        "test"
+    );
+    assert_eq!(str_of(&root["ScopeName"]), "order-pipeline");
+    assert_eq!(str_of(&root["ScopeVersion"]), "1.0");
+    assert_eq!(str_of(&root["SpanAttributes"]["sampling.rule"]), "error");
+    assert!(
+        root["SpanAttributes"]["order.id"]
+            .as_str()
+            .unwrap()
+            .starts_with("ord-")
+    );
+    assert_eq!(str_of(&root["TraceState"]), "ot=th:0");
+    let m = &rows[2];
+    assert_eq!(str_of(&m["ParentSpanId"]), "02".repeat(8));
+    assert_eq!(str_of(&m["SpanKind"]), "Consumer");
+    assert_eq!(str_of(&m["StatusCode"]), "Error");
+    assert_eq!(str_of(&m["StatusMessage"]), "PRICE_CALCULATED failed");
+    assert_eq!(str_of(&m["TraceState"]), "ot=th:0,vendor=x");
+    assert_eq!(m["Events.Name"], json!(["exception"]));
+    assert_eq!(
+        m["Events.Attributes"][0]["exception.type"],
+        json!("TimeoutError")
+    );
+    assert_eq!(m["Links.TraceId"], json!([hex(&trace_id(31, 2))]));
+    assert_eq!(m["Links.SpanId"], json!(["09".repeat(8)]));
+    assert_eq!(m["Links.TraceState"], json!(["a=b"]));
+    assert_eq!(m["Links.Attributes"][0]["link.reason"], json!("retry"));
+    for r in &rows {
+        assert_eq!(str_of(&r["SamplingRule"]), "error");
+        assert_eq!(r["AdjustedCount"], json!(1));
+        assert_eq!(str_of(&r["RetentionClass"]), "long");
+        assert!(!str_of(&r["MessageId"]).is_empty());
+    }
+
+    // Find the trace by ID: its time range from the lookup table bounds the span scan.
+    let range = ch
+        .json_rows(&format!(
+            "SELECT Start, End FROM {table}_trace_id_ts WHERE TraceId = '{}'",
+            hex(&id)
+        ))
+        .await;
+    assert_eq!(range.len(), 1, "{range:?}");
+    let found = ch
+        .number(&format!(
+            "SELECT count() FROM {table} WHERE TraceId = '{id}' AND Timestamp >= '{start}' AND Timestamp <= toDateTime('{end}') + 1",
+            id = hex(&id),
+            start = str_of(&range[0]["Start"]),
+            end = str_of(&range[0]["End"]),
+        ))
+        .await;
+    assert_eq!(found, 3.0);
+    drop(gw);
+    drop(ing);
+    names.cleanup(q).await;
+}
+
+/// Spans shifted into the past by `days`.
+fn aged(mut spans: Vec<OrderSpan>, days: u64) -> Vec<OrderSpan> {
+    let shift = days * 86_400 * 1_000_000_000;
+    for s in &mut spans {
+        s.span.start_time_unix_nano -= shift;
+        s.span.end_time_unix_nano -= shift;
+    }
+    spans
+}
+
+/// TTL tiers: with short retention 30 days, 20-day-old traces of both
+/// classes are stored; `migrate` with short retention 14 days alters the TTL
+/// (no data loss for the long class), and then the short class's rows are
+/// gone after forced merges while the long class's remain.
+#[tokio::test(flavor = "multi_thread")]
+async fn ttl_drops_the_short_class_after_its_retention() {
+    let ch = ClickHouse::start();
+    let q = TestQueue::new("ing-ttl").await;
+    let names = Ingest::new(&q);
+    let short_rules = ("TAILGATE_RETENTION__SHORT_RULES", r#"["random"]"#);
+    let ing = names
+        .start(
+            &q,
+            &ch,
+            &[short_rules, ("TAILGATE_RETENTION__SHORT_DAYS", "30")],
+        )
+        .await;
+    let gw = keep_all_gateway(&q);
+    let long = aged(order_trace(trace_id(32, 1), 10, Some("boom")), 20);
+    let short = aged(order_trace(trace_id(32, 2), 10, None), 20);
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&[long, short].concat()))
+        .await
+        .unwrap();
+    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 6.0)
+        .await;
+    let table = format!("{}.otel_traces", names.db);
+    let count =
+        |class: &str| format!("SELECT count() FROM {table} WHERE RetentionClass = '{class}'");
+    assert_eq!(ch.number(&count("long")).await, 3.0);
+    assert_eq!(ch.number(&count("short")).await, 3.0);
+
+    let env = names.env(
+        &q,
+        &ch,
+        &[short_rules, ("TAILGATE_RETENTION__SHORT_DAYS", "14")],
+    );
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = Tailgate::run(&["ingester", "migrate"], &refs);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ddl = ch.query(&format!("SHOW CREATE TABLE {table}")).await;
+    assert!(ddl.contains("90, 14"), "TTL altered: {ddl}");
+
+    ch.query(&format!("OPTIMIZE TABLE {table} FINAL")).await;
+    ch.query(&format!("OPTIMIZE TABLE {table}_trace_id_ts FINAL"))
+        .await;
+    assert_eq!(
+        ch.number(&count("short")).await,
+        0.0,
+        "short class past its retention"
+    );
+    assert_eq!(ch.number(&count("long")).await, 3.0, "long class kept");
+    let lookup = format!("SELECT count() FROM {table}_trace_id_ts WHERE RetentionClass = 'short'");
+    assert_eq!(ch.number(&lookup).await, 0.0);
+    drop(gw);
+    drop(ing);
+    names.cleanup(q).await;
+}
+
+/// The same, left to ClickHouse's background work: after `migrate` shortens
+/// the retention, the expired parts disappear without any forced merge.
+#[tokio::test(flavor = "multi_thread")]
+async fn ttl_applies_in_the_background() {
+    let ch = ClickHouse::start();
+    let q = TestQueue::new("ing-ttl-bg").await;
+    let names = Ingest::new(&q);
+    let short_rules = ("TAILGATE_RETENTION__SHORT_RULES", r#"["random"]"#);
+    let ing = names
+        .start(
+            &q,
+            &ch,
+            &[short_rules, ("TAILGATE_RETENTION__SHORT_DAYS", "30")],
+        )
+        .await;
+    let gw = keep_all_gateway(&q);
+    let long = aged(order_trace(trace_id(33, 1), 10, Some("boom")), 20);
+    let short = aged(order_trace(trace_id(33, 2), 10, None), 20);
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&[long, short].concat()))
+        .await
+        .unwrap();
+    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 6.0)
+        .await;
+    let table = format!("{}.otel_traces", names.db);
+    let env = names.env(
+        &q,
+        &ch,
+        &[short_rules, ("TAILGATE_RETENTION__SHORT_DAYS", "14")],
+    );
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert!(
+        Tailgate::run(&["ingester", "migrate"], &refs)
+            .status
+            .success()
+    );
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    loop {
+        let short = ch
+            .number(&format!(
+                "SELECT count() FROM {table} WHERE RetentionClass = 'short'"
+            ))
+            .await;
+        if short == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "short rows still there"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        ch.number(&format!(
+            "SELECT count() FROM {table} WHERE RetentionClass = 'long'"
+        ))
+        .await,
+        3.0
+    );
+    drop(gw);
+    drop(ing);
+    names.cleanup(q).await;
+}
+
+/// ClickHouse unavailable for a while: nothing is acknowledged meanwhile,
+/// and afterwards every row is present, none twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_outage_loses_nothing() {
+    let ch = ClickHouse::start();
+    if !ch.is_test_engine() {
+        return; // a real server cannot be taken down from here
+    }
+    let q = TestQueue::new("ing-outage").await;
+    let names = Ingest::new(&q);
+    let ing = names.start(&q, &ch, &[]).await;
+    let gw = keep_all_gateway(&q);
+    ch.control(json!({"down": true})).await;
+    let spans: Vec<OrderSpan> = (0..5)
+        .flat_map(|i| order_trace(trace_id(34, i), 10, None))
+        .collect();
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    ing.wait_metric("tailgate_ingester_insert_failures_total", &[], 2.0)
+        .await;
+    assert_eq!(
+        ing.metric("tailgate_ingester_acked_messages_total", &[])
+            .await,
+        0.0
+    );
+    assert_eq!(ing.ready_status().await, 503);
+    ch.control(json!({"down": false})).await;
+    ing.wait_metric("tailgate_ingester_acked_messages_total", &[], 5.0)
+        .await;
+    let table = format!("{}.otel_traces", names.db);
+    assert_eq!(
+        ch.number(&format!("SELECT count() FROM {table}")).await,
+        15.0
+    );
+    assert_eq!(
+        ch.number(&format!("SELECT uniqExact(TraceId, SpanId) FROM {table}"))
+            .await,
+        15.0
+    );
+    drop(gw);
+    drop(ing);
+    names.cleanup(q).await;
+}
+
+/// The ingester is killed after ClickHouse took a batch but before it
+/// acknowledged the messages: after a restart the redelivered messages are
+/// recognised as stored. No loss, no duplicates.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_between_insert_and_ack() {
+    let ch = ClickHouse::start();
+    if !ch.is_test_engine() {
+        return; // needs the engine's insert hold
+    }
+    let q = TestQueue::new("ing-kill").await;
+    let names = Ingest::new(&q);
+    let first = names.start(&q, &ch, &[]).await;
+    let gw = keep_all_gateway(&q);
+    ch.control(json!({"hold_inserts": true})).await;
+    let spans: Vec<OrderSpan> = (0..5)
+        .flat_map(|i| order_trace(trace_id(35, i), 10, None))
+        .collect();
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while ch.control(json!({})).await["held"] != json!(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no insert reached ClickHouse"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    first.kill();
+    ch.control(json!({"hold_inserts": false})).await;
+    let table = format!("{}.otel_traces", names.db);
+    let stored = ch.number(&format!("SELECT count() FROM {table}")).await;
+    assert!(stored > 0.0, "the held insert was executed");
+
+    let second = names.start(&q, &ch, &[]).await;
+    second
+        .wait_metric("tailgate_ingester_duplicate_messages_total", &[], 1.0)
+        .await;
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while ch.number(&format!("SELECT count() FROM {table}")).await < 15.0 {
+        assert!(tokio::time::Instant::now() < deadline, "rows missing");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    second
+        .wait_metric(
+            "tailgate_ingester_acked_messages_total",
+            &[],
+            second
+                .metric("tailgate_ingester_consumed_messages_total", &[])
+                .await,
+        )
+        .await;
+    assert_eq!(
+        ch.number(&format!("SELECT count() FROM {table}")).await,
+        15.0
+    );
+    assert_eq!(
+        ch.number(&format!("SELECT uniqExact(TraceId, SpanId) FROM {table}"))
+            .await,
+        15.0
+    );
+    drop(gw);
+    drop(second);
+    names.cleanup(q).await;
+}
+
+/// A message that cannot be decoded goes to the dead-letter queue with a
+/// header saying why, is counted, and the messages around it flow on.
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_are_dead_lettered() {
+    let ch = ClickHouse::start();
+    let q = TestQueue::new("ing-poison").await;
+    let names = Ingest::new(&q);
+    let ing = names.start(&q, &ch, &[]).await;
+    let gw = keep_all_gateway(&q);
+    q.publish_raw(
+        "traces.error.shop-api",
+        b"\xff\xff not protobuf",
+        "poison-1",
+    )
+    .await;
+    otlp::send_grpc(
+        &gw.grpc_url(),
+        otlp::request(&order_trace(trace_id(36, 1), 10, None)),
+    )
+    .await
+    .unwrap();
+    let dead = q.get_from(&names.dlq).await.expect("dead-lettered message");
+    assert_eq!(dead.delivery.data, b"\xff\xff not protobuf");
+    let headers = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let reason = match headers.inner().get("x-tailgate-dead-letter-reason") {
+        Some(lapin::types::AMQPValue::LongString(s)) => Some(s.to_string()),
+        _ => None,
+    };
+    assert!(
+        reason.as_deref().unwrap_or("").contains("not an OTLP"),
+        "{reason:?}"
+    );
+    assert_eq!(
+        ing.metric(
+            "tailgate_ingester_dead_lettered_messages_total",
+            &[("reason", "undecodable")]
+        )
+        .await,
+        1.0
+    );
+    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 3.0)
+        .await;
+    ing.wait_metric("tailgate_ingester_acked_messages_total", &[], 2.0)
+        .await;
+    drop(gw);
+    drop(ing);
+    names.cleanup(q).await;
+}

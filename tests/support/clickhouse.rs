@@ -1,0 +1,133 @@
+//! A ClickHouse engine for the tests: the chDB-backed HTTP front in
+//! `tests/support/clickhouse-http/` on a free port, or the server named by
+//! `TAILGATE_TEST_CLICKHOUSE_URL`, so the same tests run against a real one.
+
+use super::PATIENCE;
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+};
+
+pub struct ClickHouse {
+    child: Option<Child>,
+    pub url: String,
+    dir: Option<PathBuf>,
+}
+
+impl ClickHouse {
+    pub fn start() -> Self {
+        if let Ok(url) = std::env::var("TAILGATE_TEST_CLICKHOUSE_URL") {
+            return Self {
+                child: None,
+                url,
+                dir: None,
+            };
+        }
+        let dir = std::env::temp_dir().join(super::unique("chdb"));
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/support/clickhouse-http/server.py"
+        );
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--data")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect(
+                "python3 for the ClickHouse test engine (README: the test command installs chdb)",
+            );
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(PATIENCE)
+            .expect("ClickHouse test engine did not start");
+        Self {
+            child: Some(child),
+            url: format!("http://{addr}"),
+            dir: Some(dir),
+        }
+    }
+
+    /// Whether this is the chDB front (which tests can take down and hold).
+    pub fn is_test_engine(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub async fn try_query(&self, sql: &str) -> Result<String, String> {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/", self.url))
+            .body(sql.to_owned())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let ok = resp.status().is_success();
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        if ok { Ok(text) } else { Err(text) }
+    }
+
+    /// Runs SQL; panics with ClickHouse's message on error.
+    pub async fn query(&self, sql: &str) -> String {
+        self.try_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}\n{e}"))
+    }
+
+    /// The first column of the first row, as a number.
+    pub async fn number(&self, sql: &str) -> f64 {
+        let text = self.query(sql).await;
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{sql} gave {text:?}"))
+    }
+
+    /// Rows of a query as JSON objects.
+    pub async fn json_rows(&self, sql: &str) -> Vec<serde_json::Value> {
+        self.query(&format!("{sql} FORMAT JSONEachRow"))
+            .await
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSONEachRow"))
+            .collect()
+    }
+
+    /// Changes the test engine's behaviour: `{"down": true}`, `{"hold_inserts": true}`.
+    pub async fn control(&self, change: serde_json::Value) -> serde_json::Value {
+        assert!(
+            self.is_test_engine(),
+            "only the chDB test engine can be controlled"
+        );
+        reqwest::Client::new()
+            .post(format!("{}/__control", self.url))
+            .body(change.to_string())
+            .send()
+            .await
+            .expect("control")
+            .bytes()
+            .await
+            .map(|b| serde_json::from_slice(&b).expect("control state"))
+            .expect("control state")
+    }
+}
+
+impl Drop for ClickHouse {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
