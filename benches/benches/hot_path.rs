@@ -9,7 +9,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{hint::black_box, sync::Arc};
 use tailgate_benches::request;
-use tailgate_gateway::{config::RawConfig, metrics::Metrics, pipeline::Pipeline, publish::Outbox};
+use tailgate_gateway::{
+    cluster::Cluster, config::RawConfig, metrics::Metrics, pipeline::Pipeline, publish::Outbox,
+};
 use tailgate_sampling_rules::Rules;
 
 const TRACES: u64 = 100;
@@ -18,11 +20,19 @@ const SPANS: u8 = 10;
 fn pipeline() -> Pipeline {
     let cfg = RawConfig::default().validate().unwrap();
     let rules = Rules::default_policy(cfg.policy.slow_threshold, cfg.policy.random_share);
+    let metrics = Arc::new(Metrics::new());
+    let (cluster, _) = Cluster::new(
+        &cfg.cluster,
+        "127.0.0.1:4319".into(),
+        Arc::clone(&metrics),
+        std::time::Duration::from_secs(30),
+    );
     Pipeline::new(
         &cfg,
         Arc::new(rules),
-        Arc::new(Metrics::new()),
+        metrics,
         Arc::new(Outbox::new(usize::MAX)),
+        cluster,
     )
 }
 

@@ -40,6 +40,11 @@ async fn metrics_text(State(a): State<Admin>) -> impl IntoResponse {
 async fn ready(State(a): State<Admin>) -> (StatusCode, &'static str) {
     if a.pipeline.is_closing() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if !a.pipeline.cluster().membership.is_member() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not in the cluster's peer list (see logs)\n",
+        )
     } else if a.metrics.broker_connected.get() == 0 {
         (
             StatusCode::SERVICE_UNAVAILABLE,

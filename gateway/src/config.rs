@@ -46,8 +46,46 @@ pub struct RawConfig {
     pub policy: RawPolicy,
     pub decision_cache: RawDecisionCache,
     pub rabbitmq: RawRabbitmq,
+    pub cluster: RawCluster,
     pub admin: RawAdmin,
     pub shutdown: RawShutdown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCluster {
+    /// Internal gRPC address for forwarding and handoff between nodes.
+    pub listen: String,
+    /// This node's address as peers reach it (its identity); default:
+    /// `POD_IP` with the listen port, else the bound listen address.
+    pub advertise: String,
+    /// Seed peers, `host:port` of their internal port.
+    pub peers: Vec<String>,
+    /// A DNS name (`host:port`) whose addresses are all peers: a Kubernetes headless Service.
+    pub dns: String,
+    /// How often peers are greeted and DNS is resolved.
+    pub refresh_secs: f64,
+    /// A peer silent this long is dropped from the ring.
+    pub peer_timeout_secs: f64,
+    /// Bound on spans waiting to be delivered to peers.
+    pub forward_max_bytes: usize,
+    /// How often queued spans are delivered to each peer.
+    pub forward_flush_secs: f64,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:4319".into(),
+            advertise: String::new(),
+            peers: Vec::new(),
+            dns: String::new(),
+            refresh_secs: 5.0,
+            peer_timeout_secs: 15.0,
+            forward_max_bytes: 64 << 20,
+            forward_flush_secs: 0.05,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -224,6 +262,7 @@ pub struct Config {
     pub policy: Policy,
     pub decision_cache: DecisionCache,
     pub rabbitmq: Rabbitmq,
+    pub cluster: Cluster,
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
 }
@@ -243,6 +282,18 @@ pub struct Buffer {
     pub max_spans_per_trace: NonZeroUsize,
     pub max_trace_bytes: NonZeroUsize,
     pub max_buffer_bytes: NonZeroUsize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub peers: Vec<String>,
+    pub dns: Option<String>,
+    pub refresh: Duration,
+    pub peer_timeout: Duration,
+    pub forward_max_bytes: NonZeroUsize,
+    pub forward_flush: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -429,6 +480,29 @@ impl RawConfig {
                 max_in_flight: nonzero("rabbitmq.max_in_flight", q.max_in_flight)?,
                 confirm_timeout: Duration::from_secs(q.confirm_timeout_secs.max(1)),
                 max_backoff: Duration::from_secs(q.max_backoff_secs.max(1)),
+            },
+            cluster: {
+                let c = &self.cluster;
+                let refresh =
+                    secs("cluster.refresh_secs", c.refresh_secs)?.max(Duration::from_millis(10));
+                let peer_timeout = secs("cluster.peer_timeout_secs", c.peer_timeout_secs)?;
+                if peer_timeout <= refresh {
+                    return Err(invalid(
+                        "cluster.peer_timeout_secs",
+                        "must be longer than cluster.refresh_secs, or live peers would be dropped between greetings",
+                    ));
+                }
+                Cluster {
+                    listen: addr("cluster.listen", &c.listen)?,
+                    advertise: (!c.advertise.is_empty()).then(|| c.advertise.clone()),
+                    peers: c.peers.clone(),
+                    dns: (!c.dns.is_empty()).then(|| c.dns.clone()),
+                    refresh,
+                    peer_timeout,
+                    forward_max_bytes: nonzero("cluster.forward_max_bytes", c.forward_max_bytes)?,
+                    forward_flush: secs("cluster.forward_flush_secs", c.forward_flush_secs)?
+                        .max(Duration::from_millis(1)),
+                }
             },
             admin_listen: addr("admin.listen", &self.admin.listen)?,
             shutdown_grace: Duration::from_secs(self.shutdown.grace_secs),

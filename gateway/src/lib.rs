@@ -14,6 +14,7 @@
 //! [`tools`] backs `tailgate rules check|test`.
 
 pub mod buffer;
+pub mod cluster;
 pub mod decide;
 pub mod publish;
 pub mod receive;
@@ -21,6 +22,7 @@ pub mod route;
 
 pub mod admin;
 pub mod config;
+pub mod grpc_raw;
 pub mod metrics;
 pub mod node;
 pub mod pipeline;

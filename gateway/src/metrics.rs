@@ -67,6 +67,11 @@ struct Decision {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Peer {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: &'static str,
 }
@@ -82,6 +87,16 @@ pub struct Metrics {
     published_messages: Family<Outcome, Counter>,
     published_spans: Counter,
     broker_connection_errors: Counter,
+    forwarded_spans: Family<Peer, Counter>,
+    forwarded_bytes: Family<Peer, Counter>,
+    peer_errors: Family<Peer, Counter>,
+    spans_lost_with_peer: Family<Peer, Counter>,
+    membership_changes: Counter,
+    pub handoff_traces: Counter,
+    pub handoff_decisions: Counter,
+    pub delivered_spans: Counter,
+    pub cluster_peers: Gauge,
+    pub forward_queue_bytes: Gauge,
     rules_reloads: Counter,
     rules_reload_failures: Counter,
     pub rules_hash: Gauge,
@@ -119,6 +134,16 @@ impl Metrics {
             published_messages: Family::default(),
             published_spans: Counter::default(),
             broker_connection_errors: Counter::default(),
+            forwarded_spans: Family::default(),
+            forwarded_bytes: Family::default(),
+            peer_errors: Family::default(),
+            spans_lost_with_peer: Family::default(),
+            membership_changes: Counter::default(),
+            handoff_traces: Counter::default(),
+            handoff_decisions: Counter::default(),
+            delivered_spans: Counter::default(),
+            cluster_peers: Gauge::default(),
+            forward_queue_bytes: Gauge::default(),
             rules_reloads: Counter::default(),
             rules_reload_failures: Counter::default(),
             rules_hash: Gauge::default(),
@@ -176,6 +201,56 @@ impl Metrics {
             "tailgate_broker_connection_errors",
             "Failed or lost broker connections",
             m.broker_connection_errors.clone(),
+        );
+        r.register(
+            "tailgate_cluster_peers",
+            "Live nodes in the ring, this one included",
+            m.cluster_peers.clone(),
+        );
+        r.register(
+            "tailgate_cluster_membership_changes",
+            "Changes of the live node set",
+            m.membership_changes.clone(),
+        );
+        r.register(
+            "tailgate_cluster_forwarded_spans",
+            "Spans delivered to the peer that owns their trace, by peer",
+            m.forwarded_spans.clone(),
+        );
+        r.register(
+            "tailgate_cluster_forwarded_bytes",
+            "Bytes of those spans, by peer",
+            m.forwarded_bytes.clone(),
+        );
+        r.register(
+            "tailgate_cluster_peer_errors",
+            "Failed calls to a peer (deliveries are retried), by peer",
+            m.peer_errors.clone(),
+        );
+        r.register(
+            "tailgate_cluster_spans_lost_with_peer",
+            "Spans this node delivered to a peer that then vanished without leaving, recently enough that it may not have decided them (an upper bound)",
+            m.spans_lost_with_peer.clone(),
+        );
+        r.register(
+            "tailgate_cluster_handoff_traces",
+            "Buffered traces handed to their new owner after a membership change",
+            m.handoff_traces.clone(),
+        );
+        r.register(
+            "tailgate_cluster_handoff_decisions",
+            "Remembered decisions handed to their trace's new owner",
+            m.handoff_decisions.clone(),
+        );
+        r.register(
+            "tailgate_cluster_delivered_spans",
+            "Spans received from peers (forwarded or handed off)",
+            m.delivered_spans.clone(),
+        );
+        r.register(
+            "tailgate_cluster_forward_queue_bytes",
+            "Bytes waiting to be delivered to peers",
+            m.forward_queue_bytes.clone(),
         );
         r.register(
             "tailgate_rules_reloads",
@@ -294,6 +369,38 @@ impl Metrics {
         } else {
             self.rules_reload_failures.inc();
         }
+    }
+
+    pub fn forwarded(&self, peer: &str, spans: usize, bytes: usize) {
+        let label = Peer {
+            peer: peer.to_owned(),
+        };
+        self.forwarded_spans
+            .get_or_create(&label)
+            .inc_by(spans as u64);
+        self.forwarded_bytes
+            .get_or_create(&label)
+            .inc_by(bytes as u64);
+    }
+
+    pub fn cluster_peer_error(&self, peer: &str) {
+        self.peer_errors
+            .get_or_create(&Peer {
+                peer: peer.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn spans_lost_with(&self, peer: &str, spans: usize) {
+        self.spans_lost_with_peer
+            .get_or_create(&Peer {
+                peer: peer.to_owned(),
+            })
+            .inc_by(spans as u64);
+    }
+
+    pub fn cluster_membership_change(&self) {
+        self.membership_changes.inc();
     }
 
     pub fn broker_connection_error(&self) {

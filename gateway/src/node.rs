@@ -1,8 +1,10 @@
-//! One gateway node: binds the ports, starts every stage, and shuts down in
-//! order (stop accepting, decide every buffered trace, drain the outbox).
+//! One gateway node: binds the ports, joins the cluster, starts every stage,
+//! and shuts down in order: leave the cluster, stop accepting, hand buffered
+//! traces to their new owners (or decide them, alone), drain the outbox.
 
 use crate::{
     admin,
+    cluster::{Cluster, peer::PeerService, ring::PeerId},
     config::Config,
     decide::reload,
     metrics::{DropReason, Metrics},
@@ -50,16 +52,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let grpc_listener = bind("OTLP/gRPC", cfg.receiver.grpc_listen).await?;
     let http_listener = bind("OTLP/HTTP", cfg.receiver.http_listen).await?;
     let admin_listener = bind("admin", cfg.admin_listen).await?;
-    // Tests and operators read the actual ports here (a configured port 0 is picked by the OS).
-    info!(
-        grpc = %local(&grpc_listener),
-        http = %local(&http_listener),
-        admin = %local(&admin_listener),
-        exchange = %cfg.rabbitmq.exchange,
-        "tailgate gateway ready"
-    );
+    let peer_listener = bind("cluster", cfg.cluster.listen).await?;
+    let me = advertise(&cfg, &peer_listener);
 
     let metrics = Arc::new(Metrics::new());
+    let holding = cfg.buffer.trace_timeout + cfg.buffer.decision_wait;
+    let (cluster, mut rerouted) =
+        Cluster::new(&cfg.cluster, me.clone(), Arc::clone(&metrics), holding);
+    let membership = Arc::clone(&cluster.membership);
     metrics
         .rules_hash
         .set(i64::try_from(rules.hash_u48()).unwrap_or(0));
@@ -70,7 +70,75 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         rules,
         Arc::clone(&metrics),
         Arc::clone(&outbox),
+        cluster,
     ));
+
+    // The internal port serves peers from the start, so seeds can greet back.
+    let (peer_stop_tx, peer_stop_rx) = watch::channel(false);
+    let peer_server = {
+        let service = PeerService::new(
+            Arc::clone(&pipeline),
+            4 * cfg.receiver.max_request_bytes.get(),
+        );
+        let mut stop = peer_stop_rx;
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(peer_listener),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await
+        })
+    };
+    // Join before taking traffic: greet the seeds once, so routing starts agreed.
+    membership.refresh().await;
+    let refresher = {
+        let membership = Arc::clone(&membership);
+        let every = cfg.cluster.refresh;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                membership.refresh().await;
+            }
+        })
+    };
+    // On every membership change, hand off what this node no longer owns.
+    let rebalancer = {
+        let pipeline = Arc::clone(&pipeline);
+        let mut changes = membership.changes();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let cluster = pipeline.cluster();
+                for peer in cluster.membership.take_failed() {
+                    let lost = cluster.forwarder.possibly_lost_with(&peer);
+                    pipeline_metrics_lost(&pipeline, &peer, lost);
+                }
+                pipeline.rebalance();
+            }
+        })
+    };
+    let rerouter = {
+        let pipeline = Arc::clone(&pipeline);
+        tokio::spawn(async move {
+            while let Some(batches) = rerouted.recv().await {
+                pipeline.reroute(batches);
+            }
+        })
+    };
+
+    // Tests and operators read the actual ports here (a configured port 0 is picked by the OS).
+    info!(
+        grpc = %local(&grpc_listener),
+        http = %local(&http_listener),
+        admin = %local(&admin_listener),
+        peer = %me,
+        peers = membership.ring().len(),
+        exchange = %cfg.rabbitmq.exchange,
+        "tailgate gateway ready"
+    );
     let rules_watcher = cfg.rules.file.clone().map(|path| {
         let pipeline = Arc::clone(&pipeline);
         let metrics = Arc::clone(&metrics);
@@ -142,7 +210,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         r = &mut grpc => Some(server_failure("OTLP/gRPC", r)),
         r = &mut http => Some(server_failure("OTLP/HTTP", r)),
     };
-    info!("shutting down: refusing new requests, deciding buffered traces, draining the outbox");
+    info!(
+        "shutting down: leaving the cluster, refusing new requests, handing off or deciding buffered traces, draining the outbox"
+    );
+    membership.leave().await;
+    pipeline.stop_accepting();
     let _ = stop_tx.send(true);
     if failure.is_none() {
         // In-flight requests finish; a client that holds its connection
@@ -161,10 +233,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         grpc.abort();
         http.abort();
     }
-    sweeper.abort();
+    refresher.abort();
     if let Some(watcher) = rules_watcher {
         watcher.abort();
     }
+    // Hand every buffered trace to its owner in the ring without this node,
+    // and wait for the deliveries; then decide whatever is still here
+    // (everything, for a node alone).
+    pipeline.rebalance();
+    let handed_off =
+        tokio::time::timeout(cfg.shutdown_grace, pipeline.cluster().forwarder.drained())
+            .await
+            .is_ok();
+    if !handed_off {
+        error!(
+            waiting_bytes = pipeline.cluster().forwarder.bytes(),
+            "could not hand all buffered traces to peers within the grace period; deciding them here"
+        );
+    }
+    rebalancer.abort();
+    rerouter.abort();
+    sweeper.abort();
     pipeline.close();
     let waiting = outbox.messages();
     let drained = tokio::time::timeout(cfg.shutdown_grace, outbox.drained())
@@ -178,9 +267,45 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics.dropped(DropReason::ShutdownUnpublished, spans);
         error!(messages = outbox.messages(), spans, grace = ?cfg.shutdown_grace, "shutdown grace period over with kept traces unconfirmed by the broker; they are lost");
     }
+    pipeline.seal();
+    let _ = peer_stop_tx.send(true);
+    let _ = peer_server.await;
     let _ = admin_stop_tx.send(true);
     let _ = admin.await;
     failure.flatten().map_or(Ok(()), Err)
+}
+
+fn pipeline_metrics_lost(pipeline: &Pipeline, peer: &PeerId, spans: usize) {
+    if spans > 0 {
+        error!(peer = %peer, spans, "a peer vanished while it may still have held spans this node sent it; they are lost");
+    }
+    pipeline.metrics().spans_lost_with(peer, spans);
+}
+
+/// This node's identity for its peers: `cluster.advertise`, else `POD_IP`
+/// with the cluster port, else the bound cluster address.
+fn advertise(cfg: &Config, listener: &TcpListener) -> PeerId {
+    let port = listener
+        .local_addr()
+        .map_or(cfg.cluster.listen.port(), |a| a.port());
+    if let Some(a) = &cfg.cluster.advertise {
+        return PeerId::from(a.as_str());
+    }
+    if let Ok(ip) = std::env::var("POD_IP") {
+        return PeerId::from(format!("{ip}:{port}"));
+    }
+    let bound = listener.local_addr().map(|a| a.ip());
+    match bound {
+        Ok(ip) if !ip.is_unspecified() => PeerId::from(format!("{ip}:{port}")),
+        _ => {
+            if !cfg.cluster.peers.is_empty() || cfg.cluster.dns.is_some() {
+                error!(
+                    "cluster.listen is a wildcard address and neither cluster.advertise nor POD_IP is set: peers cannot reach this node"
+                );
+            }
+            PeerId::from(format!("127.0.0.1:{port}"))
+        }
+    }
 }
 
 /// The error a finished receiver task ended with, if any.

@@ -10,11 +10,16 @@
 
 use crate::{
     buffer::{Added, Buffer, Ticket, Trigger},
+    cluster::{
+        Cluster, Owner, handed,
+        peer::{Delivery, Hello, PeerHandler},
+        verdict,
+    },
     config::Config,
     decide::{Decider, cache::DecisionCache},
     metrics::{DropReason, Metrics},
     publish::Outbox,
-    route::split_by_trace,
+    route::{TraceBatch, split_by_trace},
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use std::{
@@ -36,6 +41,8 @@ pub enum Refusal {
     OutboxFull { retry_after: Duration },
     #[error("this node is shutting down; send to another node")]
     ShuttingDown { retry_after: Duration },
+    #[error("spans for other nodes are waiting and their queue is full; retry later")]
+    PeerBacklog { retry_after: Duration },
 }
 
 impl Refusal {
@@ -43,7 +50,8 @@ impl Refusal {
         match self {
             Refusal::BufferFull { retry_after }
             | Refusal::OutboxFull { retry_after }
-            | Refusal::ShuttingDown { retry_after } => *retry_after,
+            | Refusal::ShuttingDown { retry_after }
+            | Refusal::PeerBacklog { retry_after } => *retry_after,
         }
     }
 }
@@ -63,9 +71,12 @@ pub struct Pipeline {
     decider: Decider,
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
+    cluster: Cluster,
     max_buffer_bytes: usize,
     retry_after: Duration,
     closing: AtomicBool,
+    /// Set last at shutdown: deliveries from peers are refused too.
+    sealed: AtomicBool,
 }
 
 impl Pipeline {
@@ -74,6 +85,7 @@ impl Pipeline {
         rules: Arc<Rules>,
         metrics: Arc<Metrics>,
         outbox: Arc<Outbox>,
+        cluster: Cluster,
     ) -> Self {
         let cache = DecisionCache::new(&cfg.decision_cache);
         Self {
@@ -81,9 +93,11 @@ impl Pipeline {
             decider: Decider::new(rules, cache, Arc::clone(&metrics), Arc::clone(&outbox)),
             outbox,
             metrics,
+            cluster,
             max_buffer_bytes: cfg.buffer.max_buffer_bytes.get(),
             retry_after: cfg.receiver.retry_after,
             closing: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
         }
     }
 
@@ -97,22 +111,12 @@ impl Pipeline {
         if self.closing.load(Ordering::Relaxed) {
             return Err(Refusal::ShuttingDown { retry_after });
         }
-        if self.outbox.is_full() {
-            return Err(Refusal::OutboxFull { retry_after });
+        if self.cluster.forwarder.is_full() {
+            return Err(Refusal::PeerBacklog { retry_after });
         }
         let routed = split_by_trace(request);
         let now = Instant::now();
-        // Make room by deciding the oldest traces early; only if that cannot
-        // free enough is the request refused.
-        while self.buffer.bytes() + routed.bytes > self.max_buffer_bytes {
-            let Some(oldest) = self.buffer.oldest() else {
-                break;
-            };
-            self.decide(oldest, Trigger::MemoryPressure, now);
-        }
-        if self.buffer.bytes() + routed.bytes > self.max_buffer_bytes {
-            return Err(Refusal::BufferFull { retry_after });
-        }
+        self.admit(routed.bytes, now)?;
         self.metrics.received(protocol, routed.span_count);
         if routed.rejected > 0 {
             self.metrics
@@ -124,16 +128,139 @@ impl Pipeline {
             rejection: routed.rejection,
         };
         for batch in routed.batches {
-            match self
-                .buffer
-                .add(batch, now, |id| self.decider.cache().get(id))
-            {
-                Added::Buffered => {}
-                Added::Due(ticket, trigger) => self.decide(ticket, trigger, now),
-                Added::Late(batch, verdict) => self.decider.late(batch, &verdict, now),
-            }
+            self.route(batch, now);
         }
         Ok(accepted)
+    }
+
+    /// Admission control for `bytes` more to buffer: a full outbox refuses;
+    /// a full buffer first decides its oldest traces early, and refuses only
+    /// if that cannot free enough.
+    fn admit(&self, bytes: usize, now: Instant) -> Result<(), Refusal> {
+        let retry_after = self.retry_after;
+        if self.outbox.is_full() {
+            return Err(Refusal::OutboxFull { retry_after });
+        }
+        while self.buffer.bytes() + bytes > self.max_buffer_bytes {
+            let Some(oldest) = self.buffer.oldest() else {
+                break;
+            };
+            self.decide(oldest, Trigger::MemoryPressure, now);
+        }
+        if self.buffer.bytes() + bytes > self.max_buffer_bytes {
+            return Err(Refusal::BufferFull { retry_after });
+        }
+        Ok(())
+    }
+
+    /// Sends a trace's spans to their owner: this node's buffer, or a peer.
+    fn route(&self, batch: TraceBatch, now: Instant) {
+        match self.cluster.owner(&batch.trace_id) {
+            Owner::Me => self.buffer_here(batch, now),
+            Owner::Peer(peer) => self.cluster.forwarder.spans(&peer, batch),
+        }
+    }
+
+    fn buffer_here(&self, batch: TraceBatch, now: Instant) {
+        match self
+            .buffer
+            .add(batch, now, |id| self.decider.cache().get(id))
+        {
+            Added::Buffered => {}
+            Added::Due(ticket, trigger) => self.decide(ticket, trigger, now),
+            Added::Late(batch, verdict) => self.decider.late(batch, &verdict, now),
+        }
+    }
+
+    /// Spans and decisions from a peer. Its spans are buffered here whoever
+    /// owns them in this node's view: a delivery is never forwarded again.
+    pub fn deliver(&self, delivery: Delivery) -> Result<(), Refusal> {
+        if self.sealed.load(Ordering::Relaxed) {
+            return Err(Refusal::ShuttingDown {
+                retry_after: self.retry_after,
+            });
+        }
+        let now = Instant::now();
+        let routed = delivery.spans.map(split_by_trace).unwrap_or_default();
+        self.admit(routed.bytes, now)?;
+        for d in &delivery.decisions {
+            if let Some((id, verdict)) = verdict(d) {
+                self.decider.cache().insert_if_absent(id, verdict, now);
+            }
+        }
+        self.metrics
+            .delivered_spans
+            .inc_by(routed.span_count as u64);
+        for batch in routed.batches {
+            self.buffer_here(batch, now);
+        }
+        Ok(())
+    }
+
+    /// Routes again spans whose peer left before they were delivered.
+    pub fn reroute(&self, batches: Vec<TraceBatch>) {
+        let now = Instant::now();
+        for batch in batches {
+            self.route(batch, now);
+        }
+    }
+
+    /// After a membership change: hands every buffered trace and remembered
+    /// decision this node no longer owns to its new owner.
+    pub fn rebalance(&self) {
+        for ticket in self.buffer.all() {
+            let Owner::Peer(peer) = self.cluster.owner(&ticket.trace_id) else {
+                continue;
+            };
+            let Some(trace) = self.buffer.take(ticket) else {
+                continue;
+            };
+            let has_root = trace
+                .fragments
+                .iter()
+                .flat_map(|f| &f.spans)
+                .any(|s| s.parent_span_id.is_empty());
+            self.cluster.forwarder.spans(
+                &peer,
+                TraceBatch {
+                    trace_id: trace.trace_id,
+                    fragments: trace.fragments,
+                    span_count: trace.span_count,
+                    bytes: trace.bytes,
+                    has_root,
+                },
+            );
+            for late in self.buffer.finish(&ticket.trace_id) {
+                self.cluster.forwarder.spans(&peer, late);
+            }
+            self.metrics.handoff_traces.inc();
+        }
+        let mut moved: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+        for (id, verdict) in self.decider.cache().entries() {
+            if let Owner::Peer(peer) = self.cluster.owner(&id) {
+                moved.entry(peer).or_default().push(handed(&id, &verdict));
+                self.decider.cache().remove(&id);
+            }
+        }
+        for (peer, decisions) in moved {
+            self.metrics
+                .handoff_decisions
+                .inc_by(decisions.len() as u64);
+            self.cluster.forwarder.decisions(&peer, decisions);
+        }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Refuses peer deliveries from now on (the last step of a shutdown).
+    pub fn seal(&self) {
+        self.sealed.store(true, Ordering::Relaxed);
     }
 
     fn decide(&self, ticket: Ticket, trigger: Trigger, now: Instant) {
@@ -156,6 +283,11 @@ impl Pipeline {
         self.update_gauges();
     }
 
+    /// Refuses requests from clients from now on.
+    pub fn stop_accepting(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
     /// Stops accepting, then decides every buffered trace (the shutdown flush).
     pub fn close(&self) {
         self.closing.store(true, Ordering::Relaxed);
@@ -176,7 +308,9 @@ impl Pipeline {
 
     /// True while requests would be refused for lack of room.
     pub fn is_shedding(&self) -> bool {
-        self.outbox.is_full() || self.buffer.bytes() >= self.max_buffer_bytes
+        self.outbox.is_full()
+            || self.buffer.bytes() >= self.max_buffer_bytes
+            || self.cluster.forwarder.is_full()
     }
 
     pub fn update_gauges(&self) {
@@ -188,6 +322,18 @@ impl Pipeline {
         m.outbox_bytes.set(gauge(self.outbox.bytes()));
         m.decision_cache_entries
             .set(gauge(self.decider.cache().len()));
+        m.forward_queue_bytes
+            .set(gauge(self.cluster.forwarder.bytes()));
+    }
+}
+
+impl PeerHandler for Pipeline {
+    fn hello(&self, hello: Hello) -> Hello {
+        self.cluster.membership.greeted(&hello)
+    }
+
+    fn deliver(&self, delivery: Delivery) -> Result<(), tonic::Status> {
+        Pipeline::deliver(self, delivery).map_err(|r| tonic::Status::unavailable(r.to_string()))
     }
 }
 
@@ -215,8 +361,20 @@ mod tests {
             cfg.policy.slow_threshold,
             cfg.policy.random_share,
         ));
+        let (cluster, _) = Cluster::new(
+            &cfg.cluster,
+            "127.0.0.1:4319".into(),
+            Arc::clone(&metrics),
+            Duration::from_secs(30),
+        );
         (
-            Pipeline::new(&cfg, rules, Arc::clone(&metrics), Arc::clone(&outbox)),
+            Pipeline::new(
+                &cfg,
+                rules,
+                Arc::clone(&metrics),
+                Arc::clone(&outbox),
+                cluster,
+            ),
             outbox,
             metrics,
         )

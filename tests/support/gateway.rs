@@ -13,6 +13,8 @@ use std::{
 /// A running `tailgate` process.
 pub struct Tailgate {
     child: Option<Child>,
+    /// The gateway's internal (peer) address, as it advertises it.
+    pub peer: String,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub admin: SocketAddr,
@@ -38,6 +40,7 @@ impl Tailgate {
         let base = [
             ("TAILGATE_RECEIVER__GRPC_LISTEN", "127.0.0.1:0"),
             ("TAILGATE_RECEIVER__HTTP_LISTEN", "127.0.0.1:0"),
+            ("TAILGATE_CLUSTER__LISTEN", "127.0.0.1:0"),
             ("TAILGATE_RABBITMQ__URL", amqp_url),
             ("TAILGATE_RABBITMQ__EXCHANGE", exchange),
             ("TAILGATE_RABBITMQ__MAX_BACKOFF_SECS", "1"),
@@ -93,10 +96,15 @@ impl Tailgate {
                     if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
                         let msg = json.get("fields").and_then(|f| f.get("message"));
                         if msg.and_then(|m| m.as_str()) == Some(ready_message) {
+                            let peer = json["fields"]["peer"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned();
                             let _ = ready_tx.send((
                                 field(&json, "grpc"),
                                 field(&json, "http"),
                                 field(&json, "admin"),
+                                peer,
                             ));
                         }
                     }
@@ -105,7 +113,7 @@ impl Tailgate {
             });
         }
         let ready = ready_rx.recv_timeout(PATIENCE);
-        let Ok((grpc, http, Some(admin))) = ready else {
+        let Ok((grpc, http, Some(admin), peer)) = ready else {
             let _ = child.kill();
             panic!(
                 "tailgate {args:?} did not become ready: {:?}\n{}",
@@ -116,6 +124,7 @@ impl Tailgate {
         let (grpc, http) = (grpc.unwrap_or(UNUSED), http.unwrap_or(UNUSED));
         Self {
             child: Some(child),
+            peer,
             grpc,
             http,
             admin,

@@ -72,6 +72,26 @@ impl DecisionCache {
         }
     }
 
+    /// Remembers a decision made elsewhere (a handoff), unless this node has one.
+    pub fn insert_if_absent(&self, id: TraceId, verdict: Verdict, now: Instant) {
+        if !self.map.contains_key(&id) {
+            self.insert(id, verdict, now);
+        }
+    }
+
+    /// Forgets a decision (handed to the trace's new owner).
+    pub fn remove(&self, id: &TraceId) {
+        self.map.remove(id);
+    }
+
+    /// Every remembered decision, for handing off.
+    pub fn entries(&self) -> Vec<(TraceId, Verdict)> {
+        self.map
+            .iter()
+            .map(|e| (*e.key(), e.value().0.clone()))
+            .collect()
+    }
+
     /// Forgets decisions older than the TTL.
     pub fn expire(&self, now: Instant) {
         self.evict(|at, _| now.saturating_duration_since(at) >= self.ttl);

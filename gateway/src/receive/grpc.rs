@@ -7,14 +7,14 @@
 //! happens in [`super::decode_protobuf`], shared with the HTTP receiver.
 
 use super::{ReceiveError, accepted_outcome, decode_protobuf, response};
+use crate::grpc_raw::RawCodec;
 use crate::{metrics::Metrics, pipeline::Pipeline};
-use bytes::{Buf, Bytes};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use bytes::Bytes;
 use prost::Message;
 use std::{convert::Infallible, sync::Arc};
 use tonic::{
     Code, Status,
-    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codec::CompressionEncoding,
     codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http},
     server::{Grpc, NamedService, UnaryService},
 };
@@ -57,11 +57,11 @@ impl TraceService {
         }
     }
 
-    fn export(&self, body: &[u8]) -> Result<ExportTraceServiceResponse, ReceiveError> {
+    fn export(&self, body: &[u8]) -> Result<Bytes, ReceiveError> {
         let request = decode_protobuf(body)?;
         let accepted = self.pipeline.ingest(request, PROTOCOL)?;
         self.metrics.request(PROTOCOL, accepted_outcome(&accepted));
-        Ok(response(&accepted))
+        Ok(Bytes::from(response(&accepted).encode_to_vec()))
     }
 }
 
@@ -70,7 +70,7 @@ impl NamedService for TraceService {
 }
 
 impl UnaryService<Bytes> for TraceService {
-    type Response = ExportTraceServiceResponse;
+    type Response = Bytes;
     type Future = BoxFuture<tonic::Response<Self::Response>, Status>;
 
     fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
@@ -104,7 +104,7 @@ where
         let service = self.clone();
         let metrics = Arc::clone(&self.metrics);
         Box::pin(async move {
-            let mut grpc = Grpc::new(RawRequestCodec)
+            let mut grpc = Grpc::new(RawCodec)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Zstd)
                 .send_compressed(CompressionEncoding::Gzip)
@@ -124,49 +124,5 @@ where
             }
             Ok(response)
         })
-    }
-}
-
-/// Decodes nothing: hands the request's bytes to the export handler.
-#[derive(Debug, Default, Clone, Copy)]
-struct RawRequestCodec;
-
-impl Codec for RawRequestCodec {
-    type Encode = ExportTraceServiceResponse;
-    type Decode = Bytes;
-    type Encoder = ResponseEncoder;
-    type Decoder = RawDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ResponseEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawDecoder
-    }
-}
-
-#[derive(Debug)]
-struct ResponseEncoder;
-
-impl Encoder for ResponseEncoder {
-    type Item = ExportTraceServiceResponse;
-    type Error = Status;
-
-    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst)
-            .map_err(|e| Status::internal(e.to_string()))
-    }
-}
-
-#[derive(Debug)]
-struct RawDecoder;
-
-impl Decoder for RawDecoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }
