@@ -96,12 +96,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // Join before taking traffic: greet the seeds once, so routing starts agreed.
     membership.refresh().await;
     let refresher = {
-        let membership = Arc::clone(&membership);
+        let pipeline = Arc::clone(&pipeline);
         let every = cfg.cluster.refresh;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                membership.refresh().await;
+                pipeline.cluster().membership.refresh().await;
+                pipeline.hand_off_traces();
             }
         })
     };

@@ -208,6 +208,17 @@ impl Pipeline {
     /// After a membership change: hands every buffered trace and remembered
     /// decision this node no longer owns to its new owner.
     pub fn rebalance(&self) {
+        self.hand_off_traces();
+        self.hand_off_decisions();
+    }
+
+    /// Hands buffered traces this node does not own to their owner. Also run
+    /// at every membership check: spans a peer delivered while its view of
+    /// the ring differed from this node's are buffered here first (deliveries
+    /// are never forwarded on arrival), and move to their owner from here,
+    /// at most once per check, well before their decision is due.
+    pub fn hand_off_traces(&self) -> usize {
+        let mut moved = 0;
         for ticket in self.buffer.all() {
             let Owner::Peer(peer) = self.cluster.owner(&ticket.trace_id) else {
                 continue;
@@ -234,7 +245,14 @@ impl Pipeline {
                 self.cluster.forwarder.spans(&peer, late);
             }
             self.metrics.handoff_traces.inc();
+            moved += 1;
         }
+        moved
+    }
+
+    /// Hands remembered decisions of traces this node no longer owns to
+    /// their new owner (and forgets them here), so late spans follow them.
+    pub fn hand_off_decisions(&self) {
         let mut moved: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
         for (id, verdict) in self.decider.cache().entries() {
             if let Owner::Peer(peer) = self.cluster.owner(&id) {
@@ -252,6 +270,11 @@ impl Pipeline {
 
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    /// Traces in the buffer.
+    pub fn buffered_traces(&self) -> usize {
+        self.buffer.traces()
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -31,15 +31,18 @@ struct Queue {
     batches: Vec<TraceBatch>,
     decisions: Vec<HandedDecision>,
     bytes: usize,
-    /// Spans delivered recently (time, count): what this peer may still be
-    /// holding undecided, and would lose if it crashed.
-    recent: std::collections::VecDeque<(tokio::time::Instant, usize)>,
 }
+
+/// Spans delivered recently to one peer (time, count): what it may still
+/// hold undecided, and would lose if it crashed. Kept apart from the queue,
+/// which goes away with the peer.
+type Delivered = std::collections::VecDeque<(tokio::time::Instant, usize)>;
 
 pub struct Forwarder {
     membership: Arc<Membership>,
     metrics: Arc<Metrics>,
     queues: Mutex<HashMap<PeerId, Queue>>,
+    delivered: Mutex<HashMap<PeerId, Delivered>>,
     bytes: AtomicUsize,
     max_bytes: usize,
     flush: Duration,
@@ -74,6 +77,7 @@ impl Forwarder {
             membership,
             metrics,
             queues: Mutex::default(),
+            delivered: Mutex::default(),
             bytes: AtomicUsize::new(0),
             max_bytes,
             flush,
@@ -174,27 +178,27 @@ impl Forwarder {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    fn delivered(&self) -> MutexGuard<'_, HashMap<PeerId, Delivered>> {
+        self.delivered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn record_delivery(&self, peer: &PeerId, spans: usize) {
         let now = tokio::time::Instant::now();
-        let mut queues = self.queues();
-        if let Some(q) = queues.get_mut(peer) {
-            q.recent.push_back((now, spans));
-            while q
-                .recent
-                .front()
-                .is_some_and(|(t, _)| now - *t > self.holding)
-            {
-                q.recent.pop_front();
-            }
+        let mut delivered = self.delivered();
+        let recent = delivered.entry(peer.clone()).or_default();
+        recent.push_back((now, spans));
+        while recent.front().is_some_and(|(t, _)| now - *t > self.holding) {
+            recent.pop_front();
         }
     }
 
     /// Spans delivered to `peer` recently enough that it may still have held
     /// them undecided: an upper bound of what its crash lost of ours.
+    /// Forgets the record: a peer is counted once per failure.
     pub fn possibly_lost_with(&self, peer: &PeerId) -> usize {
         let now = tokio::time::Instant::now();
-        self.queues().get(peer).map_or(0, |q| {
-            q.recent
+        self.delivered().remove(peer).map_or(0, |recent| {
+            recent
                 .iter()
                 .filter(|(t, _)| now - *t <= self.holding)
                 .map(|(_, n)| n)

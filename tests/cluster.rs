@@ -1,0 +1,388 @@
+//! Gateway nodes as a cluster: real processes on loopback, the real broker.
+//! Spans of one trace sent to different nodes meet on the trace's owner;
+//! traces stay whole while nodes join and leave; a crash is survived.
+
+// Test code reports failures by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+use support::{
+    PATIENCE, amqp_url,
+    broker::{Received, TestQueue},
+    gateway::Gateway,
+    otlp::{self, OrderSpan, hex, order_trace, trace_id},
+};
+
+/// Cluster timing for tests: quick greetings, a short peer timeout.
+const CLUSTER: &[(&str, &str)] = &[
+    ("TAILGATE_CLUSTER__REFRESH_SECS", "0.1"),
+    ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "1"),
+    ("TAILGATE_CLUSTER__FORWARD_FLUSH_SECS", "0.02"),
+    ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "1"),
+    ("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "20"),
+];
+
+/// Starts a node that joins through `seeds` (peer addresses), with `extra` settings.
+fn node(q: &TestQueue, seeds: &[&Gateway], extra: &[(&str, &str)]) -> Gateway {
+    let seeds =
+        serde_json::to_string(&seeds.iter().map(|g| g.peer.clone()).collect::<Vec<_>>()).unwrap();
+    let mut env: Vec<(&str, &str)> = CLUSTER.to_vec();
+    env.push(("TAILGATE_CLUSTER__PEERS", &seeds));
+    env.extend_from_slice(extra);
+    Gateway::start(&amqp_url(), &q.exchange, &env)
+}
+
+/// Waits until every node sees `n` live nodes.
+async fn converged(nodes: &[&Gateway], n: usize) {
+    for g in nodes {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let peers = g.metric("tailgate_cluster_peers", &[]).await;
+            if peers == n as f64 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} sees {peers} nodes, not {n}\n{}",
+                g.peer,
+                g.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A small deterministic generator for spreading spans over nodes.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        usize::try_from((self.0 >> 33) % n as u64).unwrap()
+    }
+}
+
+/// Sends spans to the given nodes, each span to a random one, in requests
+/// of up to 300 spans; a refused request is retried on another node, as a
+/// client behind a load balancer would.
+async fn spray(nodes: &[&Gateway], spans: &[OrderSpan], rng: &mut Rng) {
+    let mut per_node: Vec<Vec<OrderSpan>> = vec![Vec::new(); nodes.len()];
+    for s in spans {
+        per_node[rng.below(nodes.len())].push(s.clone());
+    }
+    for (i, group) in per_node.iter().enumerate() {
+        for chunk in group.chunks(300) {
+            let req = otlp::request(chunk);
+            let mut target = i;
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                let resp = otlp::send_http_protobuf(&nodes[target].http_url(), &req).await;
+                if resp.status() == 200 {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no node accepts spans"
+                );
+                target = (target + 1) % nodes.len();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Children first, roots last: every trace is complete when its root wait starts.
+async fn send_traces(nodes: &[&Gateway], traces: &[Vec<OrderSpan>], rng: &mut Rng) {
+    let children: Vec<OrderSpan> = traces.iter().flat_map(|t| t[1..].iter().cloned()).collect();
+    let roots: Vec<OrderSpan> = traces.iter().map(|t| t[0].clone()).collect();
+    spray(nodes, &children, rng).await;
+    spray(nodes, &roots, rng).await;
+}
+
+async fn sum_metric(nodes: &[&Gateway], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for g in nodes {
+        total += g.metric(name, labels).await;
+    }
+    total
+}
+
+/// Waits until the nodes decided `traces` traces and the broker confirmed every kept one.
+async fn settled(nodes: &[&Gateway], traces: f64) -> usize {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let decided = sum_metric(nodes, "tailgate_traces_decided_total", &[]).await;
+        let kept = sum_metric(
+            nodes,
+            "tailgate_traces_decided_total",
+            &[("decision", "keep")],
+        )
+        .await;
+        let acked = sum_metric(
+            nodes,
+            "tailgate_published_messages_total",
+            &[("outcome", "ack")],
+        )
+        .await;
+        if decided >= traces && acked >= kept {
+            assert_eq!(
+                decided, traces,
+                "a trace was decided more than once (split)"
+            );
+            return kept as usize;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "decided {decided} of {traces}, {acked} of {kept} kept confirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Kept traces by ID, each checked to be one message with all its spans.
+fn whole(messages: Vec<Received>, spans_per_trace: usize) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for m in messages {
+        assert_eq!(
+            m.spans().len(),
+            spans_per_trace,
+            "trace {} split",
+            m.trace_id()
+        );
+        let rule = m.header("sampling_rule").unwrap();
+        assert!(
+            out.insert(m.trace_id(), rule).is_none(),
+            "trace {} in two messages",
+            m.trace_id()
+        );
+    }
+    out
+}
+
+fn workload(seed: u64, n: u64) -> Vec<Vec<OrderSpan>> {
+    (0..n)
+        .map(|i| order_trace(trace_id(seed, i), 20, (i % 25 == 0).then_some("MES failed")))
+        .collect()
+}
+
+/// 3 nodes, 5 000 traces whose spans go to random nodes in many requests:
+/// every kept trace is exactly one message holding all its spans, and the
+/// decisions are those of a single node on the same input.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_keep_traces_whole_and_agree_with_one_node() {
+    let traces = workload(61, 5000);
+
+    let mut q = TestQueue::new("cluster3").await;
+    let a = node(&q, &[], &[]);
+    let b = node(&q, &[&a], &[]);
+    let c = node(&q, &[&a, &b], &[]);
+    let nodes = [&a, &b, &c];
+    converged(&nodes, 3).await;
+    send_traces(&nodes, &traces, &mut Rng(7)).await;
+    let kept = settled(&nodes, 5000.0).await;
+    let cluster = whole(q.take(kept).await, 3);
+    let forwarded = sum_metric(&nodes, "tailgate_cluster_forwarded_spans_total", &[]).await;
+    assert!(
+        forwarded > 5000.0,
+        "spans were forwarded to their owners ({forwarded})"
+    );
+    drop((a, b, c));
+    q.delete().await;
+
+    let mut q1 = TestQueue::new("cluster1").await;
+    let solo = Gateway::start(&amqp_url(), &q1.exchange, CLUSTER);
+    send_traces(&[&solo], &traces, &mut Rng(7)).await;
+    let kept1 = settled(&[&solo], 5000.0).await;
+    let single = whole(q1.take(kept1).await, 3);
+    assert_eq!(cluster, single, "the cluster decides as one node does");
+    assert!(cluster.len() > 200, "kept {}", cluster.len());
+    q1.delete().await;
+}
+
+/// Scale 3 → 4 and 4 → 3 (SIGTERM) while traffic flows: no kept trace is
+/// split, and every kept trace's spans all come out.
+#[tokio::test(flavor = "multi_thread")]
+async fn scaling_up_and_down_never_splits_a_trace() {
+    let mut q = TestQueue::new("scale").await;
+    // Keep every trace: any split would show as a second message.
+    let keep_all = [("TAILGATE_POLICY__RANDOM_SHARE", "1")];
+    let a = node(&q, &[], &keep_all);
+    let b = node(&q, &[&a], &keep_all);
+    let c = node(&q, &[&a, &b], &keep_all);
+    converged(&[&a, &b, &c], 3).await;
+    let mut rng = Rng(11);
+    let mut sent = 0u64;
+    let mut round = |n: u64| {
+        let batch = workload(70 + sent, n);
+        sent += 1;
+        batch
+    };
+
+    send_traces(&[&a, &b, &c], &round(300), &mut rng).await;
+    let d = node(&q, &[&a, &b, &c], &keep_all);
+    send_traces(&[&a, &b, &c, &d], &round(300), &mut rng).await;
+    converged(&[&a, &b, &c, &d], 4).await;
+    send_traces(&[&a, &b, &c, &d], &round(300), &mut rng).await;
+    // d leaves while its share of the traces waits in its buffer.
+    let leaving = tokio::task::spawn_blocking(move || d.terminate());
+    send_traces(&[&a, &b, &c], &round(300), &mut rng).await;
+    let status = leaving.await.unwrap();
+    assert!(status.success(), "{status:?}");
+    converged(&[&a, &b, &c], 3).await;
+    send_traces(&[&a, &b, &c], &round(300), &mut rng).await;
+
+    let total = 1500usize;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut messages = Vec::new();
+    while messages.len() < total {
+        match q.next().await {
+            Some(m) => messages.push(m),
+            None => panic!("{} of {total} traces arrived", messages.len()),
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+    }
+    let kept = whole(messages, 3);
+    assert_eq!(kept.len(), total);
+    let handoffs = sum_metric(&[&a, &b, &c], "tailgate_cluster_handoff_traces_total", &[]).await;
+    eprintln!("handoffs on the remaining nodes: {handoffs}");
+    q.delete().await;
+}
+
+/// SIGKILL one of 3 nodes mid-stream: the others drop it within
+/// `peer_timeout_secs`, count what it may have taken with it, and route
+/// everything sent afterwards correctly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_node_is_routed_around() {
+    let mut q = TestQueue::new("crash").await;
+    let keep_all = [("TAILGATE_POLICY__RANDOM_SHARE", "1")];
+    let a = node(&q, &[], &keep_all);
+    let b = node(&q, &[&a], &keep_all);
+    let c = node(&q, &[&a, &b], &keep_all);
+    converged(&[&a, &b, &c], 3).await;
+    // Traces in flight: children sent, roots not yet.
+    let before = workload(80, 300);
+    let children: Vec<OrderSpan> = before.iter().flat_map(|t| t[1..].iter().cloned()).collect();
+    spray(&[&a, &b, &c], &children, &mut Rng(3)).await;
+    // Let a and b deliver c's share before it dies, so c takes some with it.
+    let peer_c = [("peer", c.peer.as_str())];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while sum_metric(&[&a, &b], "tailgate_cluster_forwarded_spans_total", &peer_c).await == 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing delivered to c"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.kill();
+    let started = tokio::time::Instant::now();
+    converged(&[&a, &b], 2).await;
+    let recovered = started.elapsed();
+    assert!(
+        recovered < Duration::from_secs(3),
+        "took {recovered:?} to drop the dead node"
+    );
+    // Counted by each survivor's rebalance, right after its ring changed.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let lost = loop {
+        let lost = sum_metric(
+            &[&a, &b],
+            "tailgate_cluster_spans_lost_with_peer_total",
+            &[],
+        )
+        .await;
+        if lost > 0.0 {
+            break lost;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spans delivered to the dead node are counted as possibly lost"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let after = workload(81, 300);
+    send_traces(&[&a, &b], &after, &mut Rng(4)).await;
+    let want: BTreeSet<String> = after.iter().map(|t| hex(&t[0].span.trace_id)).collect();
+    let mut got = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !want.iter().all(|id| got.contains_key(id)) {
+        let m = q.next().await.expect("kept traces after the crash");
+        if want.contains(&m.trace_id()) {
+            assert_eq!(
+                m.spans().len(),
+                3,
+                "trace {} split after the crash",
+                m.trace_id()
+            );
+            assert!(
+                got.insert(m.trace_id(), ()).is_none(),
+                "trace {} twice",
+                m.trace_id()
+            );
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+    }
+    eprintln!("dropped the dead node after {recovered:?}; possibly lost spans counted: {lost}");
+    q.delete().await;
+}
+
+/// A delivery from a peer is buffered where it arrives even when this node
+/// thinks another node owns the trace: it is never forwarded on arrival, so
+/// nodes that disagree about membership cannot bounce spans between them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivered_batch_is_not_forwarded_again() {
+    use tailgate_gateway::cluster::peer::{Delivery, PeerClient};
+    let q = TestQueue::new("noloop").await;
+    let a = node(&q, &[], &[]);
+    let b = node(&q, &[&a], &[]);
+    converged(&[&a, &b], 2).await;
+    // A trace that a owns, delivered to b as if b's peer had a stale view.
+    let ring = tailgate_gateway::cluster::ring::Ring::new([
+        a.peer.as_str().into(),
+        b.peer.as_str().into(),
+    ]);
+    let id = (0..)
+        .map(|i| trace_id(90, i))
+        .find(|t| &**ring.owner(&tailgate_sampling_rules::TraceId(*t)).unwrap() == a.peer.as_str())
+        .unwrap();
+    let delivery = Delivery {
+        from: "10.9.9.9:4319".into(),
+        spans: Some(otlp::request(&order_trace(id, 5, None))),
+        decisions: Vec::new(),
+    };
+    PeerClient::new(&b.peer)
+        .unwrap()
+        .deliver(&delivery)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.metric("tailgate_cluster_delivered_spans_total", &[])
+            .await,
+        3.0
+    );
+    assert_eq!(
+        b.metric("tailgate_buffer_traces", &[]).await,
+        1.0,
+        "buffered where it arrived"
+    );
+    assert_eq!(
+        b.metric("tailgate_cluster_forwarded_spans_total", &[])
+            .await,
+        0.0,
+        "not forwarded on arrival"
+    );
+    // The stray then moves to its owner once, at b's next membership check.
+    a.wait_metric("tailgate_cluster_delivered_spans_total", &[], 3.0)
+        .await;
+    a.wait_metric("tailgate_traces_decided_total", &[], 1.0)
+        .await;
+    assert_eq!(b.metric("tailgate_traces_decided_total", &[]).await, 0.0);
+    q.delete().await;
+}
