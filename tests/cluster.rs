@@ -226,14 +226,20 @@ async fn scaling_up_and_down_never_splits_a_trace() {
     };
 
     send_traces(&[&a, &b, &c], &round(300), &mut rng).await;
+    let joining = std::time::Instant::now();
     let d = node(&q, &[&a, &b, &c], &keep_all);
-    send_traces(&[&a, &b, &c, &d], &round(300), &mut rng).await;
     converged(&[&a, &b, &c, &d], 4).await;
+    let joined = joining.elapsed();
+    send_traces(&[&a, &b, &c, &d], &round(300), &mut rng).await;
     send_traces(&[&a, &b, &c, &d], &round(300), &mut rng).await;
     // d leaves while its share of the traces waits in its buffer.
-    let leaving = tokio::task::spawn_blocking(move || d.terminate());
+    let leaving = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let status = d.terminate();
+        (status, started.elapsed())
+    });
     send_traces(&[&a, &b, &c], &round(300), &mut rng).await;
-    let status = leaving.await.unwrap();
+    let (status, left) = leaving.await.unwrap();
     assert!(status.success(), "{status:?}");
     converged(&[&a, &b, &c], 3).await;
     send_traces(&[&a, &b, &c], &round(300), &mut rng).await;
@@ -251,7 +257,9 @@ async fn scaling_up_and_down_never_splits_a_trace() {
     let kept = whole(messages, 3);
     assert_eq!(kept.len(), total);
     let handoffs = sum_metric(&[&a, &b, &c], "tailgate_cluster_handoff_traces_total", &[]).await;
-    eprintln!("handoffs on the remaining nodes: {handoffs}");
+    eprintln!(
+        "join: start to 4 converged nodes {joined:?}; leave: SIGTERM to exit (handoff and outbox flush) {left:?}; traces handed off by the remaining nodes: {handoffs}"
+    );
     q.delete().await;
 }
 

@@ -30,6 +30,19 @@ struct Args {
     amqp: String,
     #[arg(long, default_value = "tailgate.traces")]
     exchange: String,
+    /// Admin addresses of every node of a cluster (comma-separated): the demo
+    /// then waits for the decisions of all of them.
+    #[arg(long, value_delimiter = ',')]
+    cluster_admins: Vec<String>,
+}
+
+/// Sum of a series over the nodes.
+async fn metric_all(admins: &[String], series: &str) -> f64 {
+    let mut total = 0.0;
+    for admin in admins {
+        total += metric(admin, series).await;
+    }
+    total
 }
 
 async fn metric(admin: &str, series: &str) -> f64 {
@@ -131,20 +144,22 @@ async fn main() {
         resp.status()
     );
 
-    // Wait for every decision and every confirm, as reported by the gateway.
+    // Wait for every decision, as reported by the gateway (or all nodes).
+    let admins = if args.cluster_admins.is_empty() {
+        vec![args.admin.clone()]
+    } else {
+        args.cluster_admins.clone()
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while metric(&args.admin, "tailgate_traces_decided_total").await < total as f64 {
+    while metric_all(&admins, "tailgate_traces_decided_total").await < total as f64 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the gateway did not decide in time"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let kept = metric(
-        &args.admin,
-        "tailgate_traces_decided_total{decision=\"keep\"",
-    )
-    .await as usize;
+    let kept =
+        metric_all(&admins, "tailgate_traces_decided_total{decision=\"keep\"").await as usize;
     println!(
         "\nKept {kept} of {total} traces; published to exchange {:?}:",
         args.exchange
@@ -178,16 +193,9 @@ async fn main() {
             stories.get(&trace).copied().unwrap_or("?"),
         );
     }
-    let dropped_traces = metric(
-        &args.admin,
-        "tailgate_traces_decided_total{decision=\"drop\"",
-    )
-    .await;
-    let dropped_spans = metric(
-        &args.admin,
-        "tailgate_spans_dropped_total{reason=\"policy\"",
-    )
-    .await;
+    let dropped_traces =
+        metric_all(&admins, "tailgate_traces_decided_total{decision=\"drop\"").await;
+    let dropped_spans = metric_all(&admins, "tailgate_spans_dropped_total{reason=\"policy\"").await;
     println!(
         "\nDropped {dropped_traces} routine traces ({dropped_spans} spans, counted in tailgate_spans_dropped_total{{reason=\"policy\"}})."
     );
