@@ -213,44 +213,90 @@ fn aged(mut spans: Vec<OrderSpan>, days: u64) -> Vec<OrderSpan> {
     spans
 }
 
+/// The TTL tests' start: short retention 30 days (the short class given by
+/// rule name), and one 20-day-old trace of each class stored through the
+/// whole pipeline.
+struct Aged {
+    ch: ClickHouse,
+    q: TestQueue,
+    names: Ingest,
+    gw: Gateway,
+    ing: Tailgate,
+    table: String,
+}
+
+const SHORT_RULES: (&str, &str) = ("TAILGATE_RETENTION__SHORT_RULES", r#"["random"]"#);
+
+impl Aged {
+    async fn start(tag: &str, seed: u64) -> Self {
+        let ch = ClickHouse::start();
+        let q = TestQueue::new(tag).await;
+        let names = Ingest::new(&q);
+        let ing = names
+            .start(
+                &q,
+                &ch,
+                &[SHORT_RULES, ("TAILGATE_RETENTION__SHORT_DAYS", "30")],
+            )
+            .await;
+        let gw = keep_all_gateway(&q);
+        let long = aged(order_trace(trace_id(seed, 1), 10, Some("boom")), 20);
+        let short = aged(order_trace(trace_id(seed, 2), 10, None), 20);
+        otlp::send_grpc(&gw.grpc_url(), otlp::request(&[long, short].concat()))
+            .await
+            .unwrap();
+        ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 6.0)
+            .await;
+        let table = format!("{}.otel_traces", names.db);
+        Self {
+            ch,
+            q,
+            names,
+            gw,
+            ing,
+            table,
+        }
+    }
+
+    /// Runs `tailgate ingester migrate` with the short class's retention at 14 days.
+    fn shorten_retention(&self) -> std::process::Output {
+        let env = self.names.env(
+            &self.q,
+            &self.ch,
+            &[SHORT_RULES, ("TAILGATE_RETENTION__SHORT_DAYS", "14")],
+        );
+        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Tailgate::run(&["ingester", "migrate"], &refs)
+    }
+
+    async fn count(&self, class: &str) -> f64 {
+        let table = &self.table;
+        self.ch
+            .number(&format!(
+                "SELECT count() FROM {table} WHERE RetentionClass = '{class}'"
+            ))
+            .await
+    }
+
+    async fn finish(self) {
+        drop(self.gw);
+        drop(self.ing);
+        self.names.cleanup(self.q).await;
+    }
+}
+
 /// TTL tiers: with short retention 30 days, 20-day-old traces of both
 /// classes are stored; `migrate` with short retention 14 days alters the TTL
 /// (no data loss for the long class), and then the short class's rows are
 /// gone after forced merges while the long class's remain.
 #[tokio::test(flavor = "multi_thread")]
 async fn ttl_drops_the_short_class_after_its_retention() {
-    let ch = ClickHouse::start();
-    let q = TestQueue::new("ing-ttl").await;
-    let names = Ingest::new(&q);
-    let short_rules = ("TAILGATE_RETENTION__SHORT_RULES", r#"["random"]"#);
-    let ing = names
-        .start(
-            &q,
-            &ch,
-            &[short_rules, ("TAILGATE_RETENTION__SHORT_DAYS", "30")],
-        )
-        .await;
-    let gw = keep_all_gateway(&q);
-    let long = aged(order_trace(trace_id(32, 1), 10, Some("boom")), 20);
-    let short = aged(order_trace(trace_id(32, 2), 10, None), 20);
-    otlp::send_grpc(&gw.grpc_url(), otlp::request(&[long, short].concat()))
-        .await
-        .unwrap();
-    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 6.0)
-        .await;
-    let table = format!("{}.otel_traces", names.db);
-    let count =
-        |class: &str| format!("SELECT count() FROM {table} WHERE RetentionClass = '{class}'");
-    assert_eq!(ch.number(&count("long")).await, 3.0);
-    assert_eq!(ch.number(&count("short")).await, 3.0);
+    let t = Aged::start("ing-ttl", 32).await;
+    let (ch, table) = (&t.ch, &t.table);
+    assert_eq!(t.count("long").await, 3.0);
+    assert_eq!(t.count("short").await, 3.0);
 
-    let env = names.env(
-        &q,
-        &ch,
-        &[short_rules, ("TAILGATE_RETENTION__SHORT_DAYS", "14")],
-    );
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let out = Tailgate::run(&["ingester", "migrate"], &refs);
+    let out = t.shorten_retention();
     assert!(
         out.status.success(),
         "{}",
@@ -263,79 +309,32 @@ async fn ttl_drops_the_short_class_after_its_retention() {
     ch.query(&format!("OPTIMIZE TABLE {table}_trace_id_ts FINAL"))
         .await;
     assert_eq!(
-        ch.number(&count("short")).await,
+        t.count("short").await,
         0.0,
         "short class past its retention"
     );
-    assert_eq!(ch.number(&count("long")).await, 3.0, "long class kept");
+    assert_eq!(t.count("long").await, 3.0, "long class kept");
     let lookup = format!("SELECT count() FROM {table}_trace_id_ts WHERE RetentionClass = 'short'");
     assert_eq!(ch.number(&lookup).await, 0.0);
-    drop(gw);
-    drop(ing);
-    names.cleanup(q).await;
+    t.finish().await;
 }
 
 /// The same, left to ClickHouse's background work: after `migrate` shortens
 /// the retention, the expired parts disappear without any forced merge.
 #[tokio::test(flavor = "multi_thread")]
 async fn ttl_applies_in_the_background() {
-    let ch = ClickHouse::start();
-    let q = TestQueue::new("ing-ttl-bg").await;
-    let names = Ingest::new(&q);
-    let short_rules = ("TAILGATE_RETENTION__SHORT_RULES", r#"["random"]"#);
-    let ing = names
-        .start(
-            &q,
-            &ch,
-            &[short_rules, ("TAILGATE_RETENTION__SHORT_DAYS", "30")],
-        )
-        .await;
-    let gw = keep_all_gateway(&q);
-    let long = aged(order_trace(trace_id(33, 1), 10, Some("boom")), 20);
-    let short = aged(order_trace(trace_id(33, 2), 10, None), 20);
-    otlp::send_grpc(&gw.grpc_url(), otlp::request(&[long, short].concat()))
-        .await
-        .unwrap();
-    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 6.0)
-        .await;
-    let table = format!("{}.otel_traces", names.db);
-    let env = names.env(
-        &q,
-        &ch,
-        &[short_rules, ("TAILGATE_RETENTION__SHORT_DAYS", "14")],
-    );
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    assert!(
-        Tailgate::run(&["ingester", "migrate"], &refs)
-            .status
-            .success()
-    );
+    let t = Aged::start("ing-ttl-bg", 33).await;
+    assert!(t.shorten_retention().status.success());
     let deadline = tokio::time::Instant::now() + support::PATIENCE;
-    loop {
-        let short = ch
-            .number(&format!(
-                "SELECT count() FROM {table} WHERE RetentionClass = 'short'"
-            ))
-            .await;
-        if short == 0.0 {
-            break;
-        }
+    while t.count("short").await != 0.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "short rows still there"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        ch.number(&format!(
-            "SELECT count() FROM {table} WHERE RetentionClass = 'long'"
-        ))
-        .await,
-        3.0
-    );
-    drop(gw);
-    drop(ing);
-    names.cleanup(q).await;
+    assert_eq!(t.count("long").await, 3.0);
+    t.finish().await;
 }
 
 /// ClickHouse unavailable for a while: nothing is acknowledged meanwhile,
