@@ -14,75 +14,9 @@ use support::{
     broker::TestQueue,
     clickhouse::ClickHouse,
     gateway::{Gateway, Tailgate},
+    ingest::Ingest,
     otlp::{self, OrderSpan, hex, kv, order_trace, trace_id},
 };
-
-/// Names of one test's ingest topology and database.
-struct Ingest {
-    queue: String,
-    dlx: String,
-    dlq: String,
-    db: String,
-}
-
-impl Ingest {
-    fn new(q: &TestQueue) -> Self {
-        let db = format!(
-            "t{}",
-            hex(&trace_id(
-                std::process::id().into(),
-                q.exchange.len() as u64
-            ))[..12]
-                .to_owned()
-        );
-        let db = format!("{db}_{}", q.exchange.rsplit('.').next().unwrap_or("0"));
-        Self {
-            queue: format!("{}.ingest", q.exchange),
-            dlx: format!("{}.dlx", q.exchange),
-            dlq: format!("{}.dlq", q.exchange),
-            db,
-        }
-    }
-
-    /// `TAILGATE_*` settings of an ingester for this test, plus `extra`.
-    fn env(&self, q: &TestQueue, ch: &ClickHouse, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = [
-            ("TAILGATE_RABBITMQ__URL", amqp_url()),
-            ("TAILGATE_RABBITMQ__EXCHANGE", q.exchange.clone()),
-            ("TAILGATE_RABBITMQ__QUEUE", self.queue.clone()),
-            ("TAILGATE_RABBITMQ__DEAD_LETTER_EXCHANGE", self.dlx.clone()),
-            ("TAILGATE_RABBITMQ__DEAD_LETTER_QUEUE", self.dlq.clone()),
-            ("TAILGATE_CLICKHOUSE__URL", ch.url.clone()),
-            ("TAILGATE_CLICKHOUSE__DATABASE", self.db.clone()),
-            ("TAILGATE_BATCH__MAX_WAIT_SECS", "0.1".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        env.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        );
-        env
-    }
-
-    /// Starts an ingester and waits until it consumes (its queue topology exists).
-    async fn start(&self, q: &TestQueue, ch: &ClickHouse, extra: &[(&str, &str)]) -> Tailgate {
-        let env = self.env(q, ch, extra);
-        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let ing = Tailgate::ingester(&refs);
-        ing.wait_metric("tailgate_ingester_broker_connected", &[], 1.0)
-            .await;
-        ing
-    }
-
-    async fn cleanup(self, q: TestQueue) {
-        q.delete_others(&[&self.queue, &self.dlq], &[&self.dlx])
-            .await;
-        q.delete().await;
-    }
-}
 
 /// A gateway that keeps every trace (rule `random` at 100%, adjusted count 1).
 fn keep_all_gateway(q: &TestQueue) -> Gateway {
@@ -104,8 +38,8 @@ fn str_of(v: &serde_json::Value) -> String {
 async fn kept_spans_arrive_with_every_field() {
     let ch = ClickHouse::start();
     let q = TestQueue::new("ing-fields").await;
-    let names = Ingest::new(&q);
-    let ing = names.start(&q, &ch, &[]).await;
+    let names = Ingest::new(&q.exchange);
+    let ing = names.start(&q.exchange, &ch, &[]).await;
     let gw = Gateway::start(&amqp_url(), &q.exchange, &[]);
     let id = trace_id(31, 1);
     let mut spans: Vec<OrderSpan> = order_trace(id, 120, Some("PRICE_CALCULATED failed"));
@@ -200,7 +134,8 @@ async fn kept_spans_arrive_with_every_field() {
     assert_eq!(found, 3.0);
     drop(gw);
     drop(ing);
-    names.cleanup(q).await;
+    names.cleanup().await;
+    q.delete().await;
 }
 
 /// Spans shifted into the past by `days`.
@@ -231,10 +166,10 @@ impl Aged {
     async fn start(tag: &str, seed: u64) -> Self {
         let ch = ClickHouse::start();
         let q = TestQueue::new(tag).await;
-        let names = Ingest::new(&q);
+        let names = Ingest::new(&q.exchange);
         let ing = names
             .start(
-                &q,
+                &q.exchange,
                 &ch,
                 &[SHORT_RULES, ("TAILGATE_RETENTION__SHORT_DAYS", "30")],
             )
@@ -261,7 +196,7 @@ impl Aged {
     /// Runs `tailgate ingester migrate` with the short class's retention at 14 days.
     fn shorten_retention(&self) -> std::process::Output {
         let env = self.names.env(
-            &self.q,
+            &self.q.exchange,
             &self.ch,
             &[SHORT_RULES, ("TAILGATE_RETENTION__SHORT_DAYS", "14")],
         );
@@ -281,7 +216,8 @@ impl Aged {
     async fn finish(self) {
         drop(self.gw);
         drop(self.ing);
-        self.names.cleanup(self.q).await;
+        self.names.cleanup().await;
+        self.q.delete().await;
     }
 }
 
@@ -346,8 +282,8 @@ async fn clickhouse_outage_loses_nothing() {
         return; // a real server cannot be taken down from here
     }
     let q = TestQueue::new("ing-outage").await;
-    let names = Ingest::new(&q);
-    let ing = names.start(&q, &ch, &[]).await;
+    let names = Ingest::new(&q.exchange);
+    let ing = names.start(&q.exchange, &ch, &[]).await;
     let gw = keep_all_gateway(&q);
     ch.control(json!({"down": true})).await;
     let spans: Vec<OrderSpan> = (0..5)
@@ -379,7 +315,8 @@ async fn clickhouse_outage_loses_nothing() {
     );
     drop(gw);
     drop(ing);
-    names.cleanup(q).await;
+    names.cleanup().await;
+    q.delete().await;
 }
 
 /// The ingester is killed after ClickHouse took a batch but before it
@@ -392,8 +329,8 @@ async fn killed_between_insert_and_ack() {
         return; // needs the engine's insert hold
     }
     let q = TestQueue::new("ing-kill").await;
-    let names = Ingest::new(&q);
-    let first = names.start(&q, &ch, &[]).await;
+    let names = Ingest::new(&q.exchange);
+    let first = names.start(&q.exchange, &ch, &[]).await;
     let gw = keep_all_gateway(&q);
     ch.control(json!({"hold_inserts": true})).await;
     let spans: Vec<OrderSpan> = (0..5)
@@ -416,7 +353,7 @@ async fn killed_between_insert_and_ack() {
     let stored = ch.number(&format!("SELECT count() FROM {table}")).await;
     assert!(stored > 0.0, "the held insert was executed");
 
-    let second = names.start(&q, &ch, &[]).await;
+    let second = names.start(&q.exchange, &ch, &[]).await;
     second
         .wait_metric("tailgate_ingester_duplicate_messages_total", &[], 1.0)
         .await;
@@ -445,7 +382,8 @@ async fn killed_between_insert_and_ack() {
     );
     drop(gw);
     drop(second);
-    names.cleanup(q).await;
+    names.cleanup().await;
+    q.delete().await;
 }
 
 /// A message that cannot be decoded goes to the dead-letter queue with a
@@ -454,8 +392,8 @@ async fn killed_between_insert_and_ack() {
 async fn poison_messages_are_dead_lettered() {
     let ch = ClickHouse::start();
     let q = TestQueue::new("ing-poison").await;
-    let names = Ingest::new(&q);
-    let ing = names.start(&q, &ch, &[]).await;
+    let names = Ingest::new(&q.exchange);
+    let ing = names.start(&q.exchange, &ch, &[]).await;
     let gw = keep_all_gateway(&q);
     q.publish_raw(
         "traces.error.shop-api",
@@ -499,5 +437,6 @@ async fn poison_messages_are_dead_lettered() {
         .await;
     drop(gw);
     drop(ing);
-    names.cleanup(q).await;
+    names.cleanup().await;
+    q.delete().await;
 }

@@ -1,6 +1,7 @@
 //! The gateway's hot path on one core: decode, route and buffer a request of
 //! 100 ten-span traces; decide and encode buffered traces. Raw prost
-//! decoding of the same bytes is the baseline.
+//! decoding of the same bytes is the baseline. Also the pieces on their
+//! own: buffering already-routed spans, and the owner lookup of a trace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,12 +11,18 @@ use prost::Message;
 use std::{hint::black_box, sync::Arc};
 use tailgate_benches::request;
 use tailgate_gateway::{
-    cluster::Cluster, config::RawConfig, metrics::Metrics, pipeline::Pipeline, publish::Outbox,
+    buffer::Buffer,
+    cluster::{Cluster, ring::Ring},
+    config::RawConfig,
+    metrics::Metrics,
+    pipeline::Pipeline,
+    publish::Outbox,
+    route::split_by_trace,
 };
 use tailgate_sampling_rules::Rules;
 
 const TRACES: u64 = 100;
-const SPANS: u8 = 10;
+const SPANS: u32 = 10;
 
 fn pipeline() -> Pipeline {
     let cfg = RawConfig::default().validate().unwrap();
@@ -78,6 +85,40 @@ fn hot_path(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    g.bench_function("buffer_add", |b| {
+        let cfg = RawConfig::default().validate().unwrap();
+        b.iter_batched(
+            || {
+                let req = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+                (Buffer::new(&cfg.buffer), split_by_trace(req).batches)
+            },
+            |(buffer, batches)| {
+                let now = tokio::time::Instant::now();
+                for batch in batches {
+                    black_box(buffer.add(batch, now, |_| None::<()>));
+                }
+                buffer
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    let ids: Vec<_> = (0..1000)
+        .map(|n| tailgate_sampling_rules::TraceId(tailgate_benches::trace_id(n)))
+        .collect();
+    let mut g = c.benchmark_group("owner_lookup");
+    g.throughput(Throughput::Elements(ids.len() as u64));
+    for nodes in [3, 20] {
+        let ring = Ring::new((0..nodes).map(|i| format!("10.0.0.{i}:4319").into()));
+        g.bench_function(format!("{nodes}_nodes"), |b| {
+            b.iter(|| {
+                for id in &ids {
+                    black_box(ring.owner(id));
+                }
+            })
+        });
+    }
     g.finish();
 }
 

@@ -110,9 +110,21 @@ pub struct Metrics {
     publish_latency: Histogram,
 }
 
-/// Latency buckets from 5 ms to about 82 s.
-fn latency_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 15)
+/// Latency buckets from 5 ms to about 82 s, plus fine ones just past the
+/// decision wait: a trace is decided at `decision_wait` after its root at
+/// the earliest, so what operators watch (and the ≤ wait + 100 ms target)
+/// is the overshoot, which doubling buckets could not resolve.
+fn latency_buckets(decision_wait_secs: f64) -> Vec<f64> {
+    let mut b: Vec<f64> =
+        prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 15).collect();
+    b.extend(
+        [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5]
+            .iter()
+            .map(|over| decision_wait_secs + over),
+    );
+    b.sort_by(f64::total_cmp);
+    b.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
+    b
 }
 
 impl Default for Metrics {
@@ -123,6 +135,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_decision_wait(std::time::Duration::from_secs(2))
+    }
+
+    /// Metrics whose latency histograms resolve the overshoot past `decision_wait`.
+    pub fn with_decision_wait(decision_wait: std::time::Duration) -> Self {
+        let buckets = latency_buckets(decision_wait.as_secs_f64());
         let mut m = Self {
             registry: Registry::default(),
             received_spans: Family::default(),
@@ -153,8 +171,8 @@ impl Metrics {
             outbox_bytes: Gauge::default(),
             decision_cache_entries: Gauge::default(),
             broker_connected: Gauge::default(),
-            decision_latency: Histogram::new(latency_buckets()),
-            publish_latency: Histogram::new(latency_buckets()),
+            decision_latency: Histogram::new(buckets.iter().copied()),
+            publish_latency: Histogram::new(buckets),
         };
         let r = &mut m.registry;
         r.register(
@@ -419,5 +437,20 @@ impl Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The latency buckets resolve "decision wait + 100 ms" exactly, and stay ascending.
+    #[test]
+    fn latency_buckets_resolve_the_overshoot_past_the_wait() {
+        let b = latency_buckets(2.0);
+        assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+        assert!(b.iter().any(|&x| (x - 2.1).abs() < 1e-9));
+        assert!(b.iter().any(|&x| (x - 2.05).abs() < 1e-9));
+        assert_eq!(b.first().copied(), Some(0.005));
     }
 }

@@ -55,7 +55,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let peer_listener = bind("cluster", cfg.cluster.listen).await?;
     let me = advertise(&cfg, &peer_listener);
 
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_decision_wait(cfg.buffer.decision_wait));
     let holding = cfg.buffer.trace_timeout + cfg.buffer.decision_wait;
     let (cluster, mut rerouted) =
         Cluster::new(&cfg.cluster, me.clone(), Arc::clone(&metrics), holding);

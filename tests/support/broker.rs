@@ -202,24 +202,6 @@ impl TestQueue {
     }
 
     /// Deletes queues and exchanges other processes declared for this test.
-    pub async fn delete_others(&self, queues: &[&str], exchanges: &[&str]) {
-        for queue in queues {
-            let _ = self
-                .channel
-                .queue_delete(
-                    (*queue).into(),
-                    lapin::options::QueueDeleteOptions::default(),
-                )
-                .await;
-        }
-        for exchange in exchanges {
-            let _ = self
-                .channel
-                .exchange_delete((*exchange).into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-    }
-
     /// Removes the test's exchange (the queue goes with the connection).
     pub async fn delete(self) {
         let _ = self
@@ -228,6 +210,30 @@ impl TestQueue {
                 self.exchange.as_str().into(),
                 ExchangeDeleteOptions::default(),
             )
+            .await;
+    }
+}
+
+/// Deletes queues and exchanges of a finished run, over a connection of its own.
+pub async fn delete(queues: &[&str], exchanges: &[&str]) {
+    let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
+    for queue in queues {
+        let _ = channel
+            .queue_delete(
+                (*queue).into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    for exchange in exchanges {
+        let _ = channel
+            .exchange_delete((*exchange).into(), ExchangeDeleteOptions::default())
             .await;
     }
 }

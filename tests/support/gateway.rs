@@ -132,6 +132,11 @@ impl Tailgate {
         }
     }
 
+    /// The process ID, for its CPU time and memory in /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }

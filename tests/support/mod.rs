@@ -5,7 +5,9 @@
 
 pub mod broker;
 pub mod clickhouse;
+pub mod e2e;
 pub mod gateway;
+pub mod ingest;
 pub mod otlp;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

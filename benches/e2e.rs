@@ -1,0 +1,64 @@
+//! The end-to-end benchmark (declared in gateway/Cargo.toml, because it
+//! runs the `tailgate` binary): 1 and then 3 gateways and an ingester on
+//! loopback with the real RabbitMQ and the ClickHouse engine.
+//!
+//! ```sh
+//! cargo bench -p tailgate-gateway --bench e2e
+//! cargo bench -p tailgate-gateway --bench e2e -- --duration-secs 30 --protocol http
+//! ```
+//!
+//! Options: `--smoke`, `--duration-secs S`, `--gateways 1,3`,
+//! `--connections K`, `--protocol grpc|http`, `--memory-spans N`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+use support::e2e::{self, Plan};
+use tailgate_benches::loadgen::Protocol;
+
+fn plan() -> Plan {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut plan = if args.iter().any(|a| a == "--smoke") {
+        Plan::smoke()
+    } else {
+        Plan::full()
+    };
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(s) = value("--duration-secs") {
+        plan.duration = Duration::from_secs_f64(s.parse().expect("--duration-secs"));
+    }
+    if let Some(g) = value("--gateways") {
+        plan.gateways = g
+            .split(',')
+            .map(|n| n.parse().expect("--gateways"))
+            .collect();
+    }
+    if let Some(k) = value("--connections") {
+        plan.connections = k.parse().expect("--connections");
+    }
+    if let Some(p) = value("--protocol") {
+        plan.protocol = match p.as_str() {
+            "grpc" => Protocol::Grpc,
+            "http" => Protocol::Http,
+            other => panic!("--protocol grpc|http, not {other}"),
+        };
+    }
+    if let Some(n) = value("--memory-spans") {
+        plan.memory_spans = n.parse().expect("--memory-spans");
+    }
+    plan
+}
+
+#[tokio::main]
+async fn main() {
+    let report = e2e::run(plan()).await;
+    println!("{report}");
+}

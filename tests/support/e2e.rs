@@ -1,0 +1,564 @@
+//! The end-to-end benchmark: 1 and then 3 gateways and an ingester on
+//! loopback, with the real RabbitMQ and the ClickHouse engine, under load
+//! from the load generator. `benches/e2e.rs` runs it for the published
+//! figures; `tests/bench_smoke.rs` runs it small, to keep it working.
+//!
+//! Per setup: an unthrottled phase measures capacity and gateway CPU per
+//! span; a phase at half that rate measures decision latency; then every
+//! accepted span must be accounted for (kept and confirmed by the broker,
+//! or dropped with a reason) and every kept span must be a row in
+//! ClickHouse. Memory per buffered span is measured on its own gateway,
+//! which holds everything it receives.
+
+use super::{PATIENCE, broker, clickhouse::ClickHouse, gateway::Tailgate, ingest::Ingest, unique};
+use std::{
+    fmt,
+    time::{Duration, Instant},
+};
+use tailgate_benches::{
+    corpus::{Batch, Workload, corpus},
+    loadgen::{self, Options, Protocol, Stats},
+    procfs, prost_decode_rate,
+};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Cluster sizes, one setup each.
+    pub gateways: Vec<usize>,
+    /// Length of each load phase.
+    pub duration: Duration,
+    pub connections: usize,
+    pub protocol: Protocol,
+    pub workload: Workload,
+    /// Distinct pre-encoded batches (later passes rename their traces).
+    pub batches: u32,
+    pub decision_wait: Duration,
+    /// Spans held by the memory-measurement gateway.
+    pub memory_spans: u64,
+    /// CPU time spent on the raw prost decode baseline.
+    pub decode_time: Duration,
+}
+
+impl Plan {
+    /// The published run: 20 s phases, one million buffered spans.
+    pub fn full() -> Self {
+        Self {
+            gateways: vec![1, 3],
+            duration: Duration::from_secs(20),
+            connections: 8,
+            protocol: Protocol::Grpc,
+            workload: Workload::default(),
+            batches: 200,
+            decision_wait: Duration::from_secs(2),
+            memory_spans: 1_000_000,
+            decode_time: Duration::from_secs(3),
+        }
+    }
+
+    /// A few seconds of small load: keeps the benchmark working in CI.
+    pub fn smoke() -> Self {
+        Self {
+            duration: Duration::from_millis(1500),
+            connections: 4,
+            batches: 10,
+            decision_wait: Duration::from_millis(300),
+            memory_spans: 20_000,
+            decode_time: Duration::from_millis(200),
+            workload: Workload {
+                late_share: 0.05,
+                ..Workload::default()
+            },
+            ..Self::full()
+        }
+    }
+
+    fn late_delay(&self) -> Duration {
+        self.decision_wait + Duration::from_secs(1)
+    }
+}
+
+/// One load phase.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub load: Stats,
+    /// Accepted spans per second of the phase.
+    pub rate: f64,
+    /// CPU time of all gateway processes, from the phase's start until its
+    /// last span was decided and confirmed.
+    pub gateway_cpu: Duration,
+}
+
+/// Where every accepted span went, summed over the gateways.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Accounting {
+    /// Accepted by the gateways, as the load generator counted.
+    pub accepted: u64,
+    /// As the gateways counted them (`tailgate_received_spans_total`).
+    pub received: u64,
+    /// In messages the broker confirmed.
+    pub kept: u64,
+    /// By reason, from `tailgate_spans_dropped_total`.
+    pub dropped: Vec<(String, u64)>,
+    /// Accepted but neither kept nor dropped with a reason: must be 0.
+    pub lost: i64,
+    /// Rows in ClickHouse.
+    pub rows: u64,
+}
+
+impl Accounting {
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().map(|(_, n)| n).sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SetupReport {
+    pub gateways: usize,
+    pub capacity: Phase,
+    pub half_load: Phase,
+    /// Root span received → publish confirmed, at half load (seconds).
+    pub latency_p50: f64,
+    pub latency_p99: f64,
+    pub accounting: Accounting,
+    pub ingester_cpu: Duration,
+}
+
+impl SetupReport {
+    pub fn spans_per_cpu_second(&self) -> f64 {
+        self.capacity.load.spans_accepted as f64 / self.capacity.gateway_cpu.as_secs_f64()
+    }
+
+    pub fn ingester_rows_per_cpu_second(&self) -> f64 {
+        self.accounting.rows as f64 / self.ingester_cpu.as_secs_f64()
+    }
+
+    pub fn kept_share(&self) -> f64 {
+        self.accounting.kept as f64 / self.accounting.accepted.max(1) as f64
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MemoryReport {
+    pub spans: u64,
+    /// Encoded OTLP bytes buffered (`tailgate_buffer_bytes`).
+    pub buffered_bytes: u64,
+    pub rss_before: u64,
+    pub rss_after: u64,
+}
+
+impl MemoryReport {
+    pub fn bytes_per_span(&self) -> f64 {
+        self.rss_after.saturating_sub(self.rss_before) as f64 / self.spans.max(1) as f64
+    }
+
+    pub fn ratio_to_encoded(&self) -> f64 {
+        self.rss_after.saturating_sub(self.rss_before) as f64 / self.buffered_bytes.max(1) as f64
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub machine: String,
+    pub plan: Plan,
+    pub bytes_per_span: f64,
+    /// Raw prost decode of the same payloads, spans per CPU-second.
+    pub prost_decode: f64,
+    pub setups: Vec<SetupReport>,
+    pub memory: MemoryReport,
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} × {model}")
+}
+
+async fn scrape_sum(nodes: &[&Tailgate], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for n in nodes {
+        total += n.metric(name, labels).await;
+    }
+    total
+}
+
+fn cpu(nodes: &[&Tailgate]) -> Duration {
+    nodes
+        .iter()
+        .map(|n| procfs::cpu(n.pid()).expect("gateway CPU time from /proc"))
+        .sum()
+}
+
+/// Cumulative histogram buckets `(le, count)` of `name`, summed over nodes.
+async fn histogram(nodes: &[&Tailgate], name: &str) -> Vec<(f64, f64)> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for n in nodes {
+        let text = n.metrics().await;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{le=\"")) else {
+                continue;
+            };
+            let Some((le, count)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("bucket bound")
+            };
+            let count: f64 = count.trim().parse().expect("bucket count");
+            match buckets.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, c)) => *c += count,
+                None => buckets.push((le, count)),
+            }
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The `q` quantile of the observations between two scrapes of a histogram,
+/// interpolated within its bucket as Prometheus' `histogram_quantile` does.
+pub fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, c)| {
+            let b = before.iter().find(|x| x.0 == le).map_or(0.0, |x| x.1);
+            (le, c - b)
+        })
+        .collect();
+    let Some(&(_, total)) = diff.last() else {
+        return f64::NAN;
+    };
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(le, cum) in &diff {
+        if cum >= rank {
+            if le.is_infinite() {
+                return lower;
+            }
+            return lower + (le - lower) * (rank - below) / (cum - below).max(f64::MIN_POSITIVE);
+        }
+        (lower, below) = (le, cum);
+    }
+    lower
+}
+
+/// Waits until the gateways have decided and confirmed or dropped every
+/// span offered so far (`offered` = accepted + rejected in partial
+/// success); returns what they counted.
+async fn settle(nodes: &[&Tailgate], offered: u64, patience: Duration) -> Accounting {
+    let deadline = Instant::now() + patience;
+    loop {
+        let kept = scrape_sum(nodes, "tailgate_published_spans_total", &[]).await as u64;
+        let mut dropped = Vec::new();
+        for reason in [
+            "policy",
+            "late_span_of_dropped_trace",
+            "invalid_span",
+            "shutdown_unpublished",
+        ] {
+            let n = scrape_sum(nodes, "tailgate_spans_dropped_total", &[("reason", reason)]).await;
+            dropped.push((reason.to_owned(), n as u64));
+        }
+        let accounted: u64 = kept + dropped.iter().map(|(_, n)| n).sum::<u64>();
+        if accounted >= offered || Instant::now() >= deadline {
+            return Accounting {
+                accepted: offered,
+                received: scrape_sum(nodes, "tailgate_received_spans_total", &[]).await as u64,
+                kept,
+                dropped,
+                lost: offered as i64 - accounted as i64,
+                rows: 0,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn options(plan: &Plan, nodes: &[&Tailgate], rate: Option<f64>, first_pass: u64) -> Options {
+    Options {
+        protocol: plan.protocol,
+        targets: nodes
+            .iter()
+            .map(|n| match plan.protocol {
+                Protocol::Grpc => n.grpc,
+                Protocol::Http => n.http,
+            })
+            .collect(),
+        connections: plan.connections,
+        rate,
+        duration: plan.duration,
+        max_spans: None,
+        first_pass,
+        late_delay: plan.late_delay(),
+        retry_wait: Duration::from_millis(100),
+    }
+}
+
+fn gateway_env(plan: &Plan) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "TAILGATE_BUFFER__DECISION_WAIT_SECS",
+            plan.decision_wait.as_secs_f64().to_string(),
+        ),
+        ("TAILGATE_CLUSTER__REFRESH_SECS", "0.2".into()),
+        ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "5".into()),
+    ]
+}
+
+fn start_gateway(exchange: &str, env: &[(&str, String)]) -> Tailgate {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Tailgate::start(&super::amqp_url(), exchange, &env)
+}
+
+async fn run_setup(plan: &Plan, n: usize, ch: &ClickHouse, batches: &[Batch]) -> SetupReport {
+    let exchange = unique("bench");
+    let ingest = Ingest::new(&exchange);
+    let ingester = ingest.start(&exchange, ch, &[]).await;
+    let ingester_cpu0 = procfs::cpu(ingester.pid()).expect("ingester CPU");
+
+    let mut gateways: Vec<Tailgate> = Vec::new();
+    for i in 0..n {
+        let mut env = gateway_env(plan);
+        if i > 0 {
+            // Seeds are every node started before: greetings make them known to each other.
+            let seeds: Vec<String> = gateways.iter().map(|g| format!("\"{}\"", g.peer)).collect();
+            env.push(("TAILGATE_CLUSTER__PEERS", format!("[{}]", seeds.join(","))));
+        }
+        gateways.push(start_gateway(&exchange, &env));
+    }
+    let nodes: Vec<&Tailgate> = gateways.iter().collect();
+    for node in &nodes {
+        node.wait_metric("tailgate_cluster_peers", &[], n as f64)
+            .await;
+        node.wait_metric("tailgate_broker_connected", &[], 1.0)
+            .await;
+    }
+    let patience = PATIENCE + plan.late_delay();
+
+    // Capacity: as fast as the gateways accept.
+    let cpu0 = cpu(&nodes);
+    let load = loadgen::run(batches.to_vec(), options(plan, &nodes, None, 0)).await;
+    let offered = load.spans_accepted + load.spans_rejected;
+    settle(&nodes, offered, patience).await;
+    let capacity = Phase {
+        rate: load.spans_accepted as f64 / plan.duration.as_secs_f64(),
+        gateway_cpu: cpu(&nodes) - cpu0,
+        load,
+    };
+
+    // Latency at half the measured capacity.
+    let metric = "tailgate_publish_latency_seconds";
+    let before = histogram(&nodes, metric).await;
+    let cpu0 = cpu(&nodes);
+    let load = loadgen::run(
+        batches.to_vec(),
+        // Passes of their own: the capacity phase's traces are decided already.
+        options(plan, &nodes, Some((capacity.rate / 2.0).max(1.0)), 1 << 32),
+    )
+    .await;
+    let offered = offered + load.spans_accepted + load.spans_rejected;
+    let mut accounting = settle(&nodes, offered, patience).await;
+    let half_load = Phase {
+        rate: load.spans_accepted as f64 / plan.duration.as_secs_f64(),
+        gateway_cpu: cpu(&nodes) - cpu0,
+        load,
+    };
+    let after = histogram(&nodes, metric).await;
+
+    // Every kept span lands in ClickHouse exactly once.
+    let count = format!("SELECT count() FROM {}.otel_traces", ingest.db);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        accounting.rows = match ch.try_query(&count).await {
+            Ok(r) => r.trim().parse().unwrap_or(0),
+            Err(e) => panic!("{count}: {e}"),
+        };
+        if accounting.rows >= accounting.kept || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ingester_cpu = procfs::cpu(ingester.pid()).expect("ingester CPU") - ingester_cpu0;
+
+    for g in gateways {
+        g.terminate();
+    }
+    ingester.terminate();
+    ingest.cleanup().await;
+    broker::delete(&[], &[&exchange]).await;
+    SetupReport {
+        gateways: n,
+        capacity,
+        half_load,
+        latency_p50: quantile(&before, &after, 0.5),
+        latency_p99: quantile(&before, &after, 0.99),
+        accounting,
+        ingester_cpu,
+    }
+}
+
+/// One gateway that decides nothing for the length of the measurement:
+/// resident memory before and after it buffers `plan.memory_spans` spans.
+async fn run_memory(plan: &Plan) -> MemoryReport {
+    let exchange = unique("bench-mem");
+    let mut env = gateway_env(plan);
+    env.push(("TAILGATE_BUFFER__DECISION_WAIT_SECS", "3600".into()));
+    env.push(("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "7200".into()));
+    let gateway = start_gateway(&exchange, &env);
+    let workload = Workload {
+        late_share: 0.0,
+        long_share: 0.0,
+        giant_share: 0.0,
+        ..plan.workload.clone()
+    };
+    let spans_per_trace = u64::from(workload.spans_per_trace);
+    let rss_before = procfs::rss_bytes(gateway.pid()).expect("RSS");
+    let load = loadgen::run(
+        corpus(&workload, plan.batches),
+        Options {
+            duration: PATIENCE,
+            max_spans: Some(plan.memory_spans),
+            ..options(plan, &[&gateway], None, 0)
+        },
+    )
+    .await;
+    let traces = (load.spans_accepted / spans_per_trace) as f64;
+    gateway
+        .wait_metric("tailgate_buffer_traces", &[], traces)
+        .await;
+    let rss_after = procfs::rss_bytes(gateway.pid()).expect("RSS");
+    let buffered_bytes = gateway.metric("tailgate_buffer_bytes", &[]).await as u64;
+    gateway.kill();
+    broker::delete(&[], &[&exchange]).await;
+    MemoryReport {
+        spans: load.spans_accepted,
+        buffered_bytes,
+        rss_before,
+        rss_after,
+    }
+}
+
+/// Runs the whole benchmark.
+pub async fn run(plan: Plan) -> Report {
+    let batches = corpus(&plan.workload, plan.batches);
+    let requests: Vec<_> = batches.iter().flat_map(|b| b.requests.clone()).collect();
+    let (bytes, spans) = requests.iter().fold((0u64, 0u64), |(b, s), r| {
+        (b + r.body.len() as u64, s + r.spans)
+    });
+    let decode_time = plan.decode_time;
+    let prost_decode =
+        tokio::task::spawn_blocking(move || prost_decode_rate(&requests, decode_time))
+            .await
+            .expect("decode task")
+            .expect("decode rate");
+
+    let ch = ClickHouse::start();
+    let mut setups = Vec::new();
+    for &n in &plan.gateways {
+        setups.push(run_setup(&plan, n, &ch, &batches).await);
+    }
+    let memory = run_memory(&plan).await;
+    Report {
+        machine: machine(),
+        bytes_per_span: bytes as f64 / spans.max(1) as f64,
+        prost_decode,
+        setups,
+        memory,
+        plan,
+    }
+}
+
+fn si(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.0} k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.plan;
+        writeln!(f, "machine: {}", self.machine)?;
+        writeln!(
+            f,
+            "load: {:?} through {} connections, {} s per phase, {} spans per trace, {:.0} B per span, decision_wait {} s",
+            p.protocol,
+            p.connections,
+            p.duration.as_secs_f64(),
+            p.workload.spans_per_trace,
+            self.bytes_per_span,
+            p.decision_wait.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "raw prost decode of the same payloads: {} spans per CPU-second (one core)\n",
+            si(self.prost_decode)
+        )?;
+        writeln!(
+            f,
+            "| gateways | accepted spans/s | pushback | gateway CPU-s | spans per gateway CPU-s | × raw decode | p50 / p99 latency at 50% | kept share | lost | ClickHouse rows | ingester rows per CPU-s |"
+        )?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for s in &self.setups {
+            let a = &s.accounting;
+            writeln!(
+                f,
+                "| {} | {} | {} | {:.2} | {} | {:.2} | {:.3} s / {:.3} s | {:.1}% | {} | {} of {} | {} |",
+                s.gateways,
+                si(s.capacity.rate),
+                s.capacity.load.pushback() + s.half_load.load.pushback(),
+                s.capacity.gateway_cpu.as_secs_f64(),
+                si(s.spans_per_cpu_second()),
+                s.spans_per_cpu_second() / self.prost_decode,
+                s.latency_p50,
+                s.latency_p99,
+                100.0 * s.kept_share(),
+                a.lost,
+                a.rows,
+                a.kept,
+                si(s.ingester_rows_per_cpu_second()),
+            )?;
+        }
+        writeln!(f)?;
+        for s in &self.setups {
+            let a = &s.accounting;
+            writeln!(
+                f,
+                "{} gateway(s): accepted {} (gateways counted {}), kept {}, dropped {} {:?}, lost {}, abandoned by the client {}, late spans sent {}",
+                s.gateways,
+                a.accepted,
+                a.received,
+                a.kept,
+                a.dropped_total(),
+                a.dropped,
+                a.lost,
+                s.capacity.load.spans_abandoned + s.half_load.load.spans_abandoned,
+                s.capacity.load.late_spans_sent + s.half_load.load.late_spans_sent,
+            )?;
+        }
+        let m = &self.memory;
+        writeln!(
+            f,
+            "\nmemory: {} spans buffered ({} encoded bytes), RSS {} → {} bytes: {:.0} bytes per buffered span, {:.2} × the encoded OTLP bytes",
+            m.spans,
+            m.buffered_bytes,
+            m.rss_before,
+            m.rss_after,
+            m.bytes_per_span(),
+            m.ratio_to_encoded()
+        )
+    }
+}
