@@ -12,6 +12,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// The gateway's allocator, so the raw-decode baseline measured in this
+// process is comparable with the gateway's own decoding.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 

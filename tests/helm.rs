@@ -582,3 +582,42 @@ fn bad_values_are_refused_with_a_message() {
     let no_rules = try_render(&["rules:\n  content: \"\"\n"]).unwrap_err();
     assert!(no_rules.contains("rules.content is required"), "{no_rules}");
 }
+
+/// Every value the chart has is documented in helm/tailgate/README.md's table.
+#[test]
+fn every_value_is_in_the_readme_table() {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        const LEAVES: [&str; 6] = [
+            "gateway.config",
+            "ingester.config",
+            "gateway.resources",
+            "ingester.resources",
+            "podSecurityContext",
+            "securityContext",
+        ];
+        match v.as_object() {
+            Some(map) if !map.is_empty() && !LEAVES.contains(&prefix) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+    let mut keys = Vec::new();
+    walk("", &render(&[])["values"], &mut keys);
+    let readme = std::fs::read_to_string(chart().join("README.md")).unwrap();
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !readme.contains(&format!("| `{k}` |")))
+        .collect();
+    assert!(
+        keys.len() > 60 && missing.is_empty(),
+        "undocumented: {missing:?}"
+    );
+}

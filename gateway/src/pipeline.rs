@@ -77,6 +77,10 @@ pub struct Pipeline {
     closing: AtomicBool,
     /// Set last at shutdown: deliveries from peers are refused too.
     sealed: AtomicBool,
+    /// How long decisions wait after a membership change (see `rebalance`).
+    settle: Duration,
+    /// Decisions are held until then.
+    hold_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Pipeline {
@@ -98,6 +102,8 @@ impl Pipeline {
             retry_after: cfg.receiver.retry_after,
             closing: AtomicBool::new(false),
             sealed: AtomicBool::new(false),
+            settle: 2 * (cfg.cluster.refresh + cfg.cluster.forward_flush),
+            hold_until: std::sync::Mutex::new(None),
         }
     }
 
@@ -206,8 +212,14 @@ impl Pipeline {
     }
 
     /// After a membership change: hands every buffered trace and remembered
-    /// decision this node no longer owns to its new owner.
+    /// decision this node no longer owns to its new owner, and holds
+    /// decisions for two membership checks plus two forward flushes. Peers
+    /// learn of the change up to one check later, and only then move the
+    /// spans they buffered or forwarded under the old ring; deciding before
+    /// those arrive would publish the trace in two parts.
     pub fn rebalance(&self) {
+        let until = Instant::now() + self.settle;
+        *self.hold_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
         self.hand_off_traces();
         self.hand_off_decisions();
     }
@@ -299,7 +311,18 @@ impl Pipeline {
     /// Decides every trace whose wait is over and forgets expired decisions.
     pub fn sweep(&self) {
         let now = Instant::now();
-        for (ticket, trigger) in self.buffer.due(now) {
+        let held = self
+            .hold_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| now < until);
+        // While held, due traces stay queued; the first sweep after decides them.
+        let due = if held {
+            Vec::new()
+        } else {
+            self.buffer.due(now)
+        };
+        for (ticket, trigger) in due {
             self.decide(ticket, trigger, now);
         }
         self.decider.cache().expire(now);
@@ -449,6 +472,25 @@ mod tests {
             text.contains("tailgate_spans_dropped_total{reason=\"late_span_of_dropped_trace\"} 1"),
             "{text}"
         );
+    }
+
+    /// After a membership change, due traces wait two membership checks
+    /// (plus forward flushes) before being decided, so spans peers still
+    /// route by the old ring reach this node first; then they are decided.
+    #[tokio::test(start_paused = true)]
+    async fn decisions_wait_for_the_ring_to_settle_after_a_change() {
+        let (p, outbox, _) = pipeline(1 << 20, 1 << 20);
+        p.ingest(request(vec![("shop-api", vec![error_span(1)])]), "test")
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(1900)).await;
+        p.rebalance();
+        tokio::time::advance(Duration::from_millis(200)).await;
+        p.sweep();
+        assert_eq!(outbox.messages(), 0, "decided while the ring settles");
+        // Defaults: refresh 5 s and flush 0.05 s, so the hold is 10.1 s.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        p.sweep();
+        assert_eq!(outbox.messages(), 1);
     }
 
     /// When the buffer is full the oldest traces are decided early; a full
