@@ -139,22 +139,21 @@ fn kinds(rendered: &Value) -> Vec<String> {
         .collect()
 }
 
-fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
-    deployment["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-}
-
-fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
-    container["env"]
-        .as_array()
+/// The element of a list of named objects (containers, env, volumes) called `name`.
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
         .unwrap()
         .iter()
         .find(|e| e["name"] == name)
-        .unwrap_or_else(|| panic!("no env {name}"))
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+}
+
+fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
+    named(&deployment["spec"]["template"]["spec"]["containers"], name)
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
+    named(&container["env"], name)
 }
 
 fn port(ports: &Value, name: &str) -> i64 {
@@ -317,20 +316,10 @@ fn defaults_wire_the_gateway_cluster_together() {
     assert_eq!(port(&otlp["spec"]["ports"], "otlp-http"), 4318);
 
     // Rules: a directory mount of the rules ConfigMap, no subPath.
-    let mount = c["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "rules")
-        .unwrap();
+    let mount = named(&c["volumeMounts"], "rules");
     assert_eq!(mount["mountPath"], "/etc/tailgate/rules");
     assert!(mount.get("subPath").is_none());
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "rules")
-        .unwrap();
+    let volume = named(&pod["volumes"], "rules");
     assert_eq!(volume["configMap"]["name"], "tg-tailgate-rules");
     assert_eq!(
         config.rules.file.as_deref(),
@@ -504,12 +493,7 @@ fn existing_secret_and_rules_config_map_are_used() {
     assert_eq!(c["image"], "ghcr.io/tailgate/tailgate:0.1.0-rc1");
     let pod = &dep["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "tracing");
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "rules")
-        .unwrap();
+    let volume = named(&pod["volumes"], "rules");
     assert_eq!(volume["configMap"]["name"], "sre-sampling-rules");
     let annotations = &dep["spec"]["template"]["metadata"]["annotations"];
     assert!(annotations.get("checksum/secret").is_none());
