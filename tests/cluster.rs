@@ -14,7 +14,7 @@ use std::{
 use support::{
     PATIENCE, amqp_url,
     broker::{Received, TestQueue},
-    gateway::Gateway,
+    gateway::{Gateway, metric_sum},
     otlp::{self, OrderSpan, hex, order_trace, trace_id},
 };
 
@@ -106,26 +106,18 @@ async fn send_traces(nodes: &[&Gateway], traces: &[Vec<OrderSpan>], rng: &mut Rn
     spray(nodes, &roots, rng).await;
 }
 
-async fn sum_metric(nodes: &[&Gateway], name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut total = 0.0;
-    for g in nodes {
-        total += g.metric(name, labels).await;
-    }
-    total
-}
-
 /// Waits until the nodes decided `traces` traces and the broker confirmed every kept one.
 async fn settled(nodes: &[&Gateway], traces: f64) -> usize {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let decided = sum_metric(nodes, "tailgate_traces_decided_total", &[]).await;
-        let kept = sum_metric(
+        let decided = metric_sum(nodes, "tailgate_traces_decided_total", &[]).await;
+        let kept = metric_sum(
             nodes,
             "tailgate_traces_decided_total",
             &[("decision", "keep")],
         )
         .await;
-        let acked = sum_metric(
+        let acked = metric_sum(
             nodes,
             "tailgate_published_messages_total",
             &[("outcome", "ack")],
@@ -188,7 +180,7 @@ async fn three_nodes_keep_traces_whole_and_agree_with_one_node() {
     send_traces(&nodes, &traces, &mut Rng(7)).await;
     let kept = settled(&nodes, 5000.0).await;
     let cluster = whole(q.take(kept).await, 3);
-    let forwarded = sum_metric(&nodes, "tailgate_cluster_forwarded_spans_total", &[]).await;
+    let forwarded = metric_sum(&nodes, "tailgate_cluster_forwarded_spans_total", &[]).await;
     assert!(
         forwarded > 5000.0,
         "spans were forwarded to their owners ({forwarded})"
@@ -256,7 +248,7 @@ async fn scaling_up_and_down_never_splits_a_trace() {
     }
     let kept = whole(messages, 3);
     assert_eq!(kept.len(), total);
-    let handoffs = sum_metric(&[&a, &b, &c], "tailgate_cluster_handoff_traces_total", &[]).await;
+    let handoffs = metric_sum(&[&a, &b, &c], "tailgate_cluster_handoff_traces_total", &[]).await;
     eprintln!(
         "join: start to 4 converged nodes {joined:?}; leave: SIGTERM to exit (handoff and outbox flush) {left:?}; traces handed off by the remaining nodes: {handoffs}"
     );
@@ -281,7 +273,7 @@ async fn a_crashed_node_is_routed_around() {
     // Let a and b deliver c's share before it dies, so c takes some with it.
     let peer_c = [("peer", c.peer.as_str())];
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while sum_metric(&[&a, &b], "tailgate_cluster_forwarded_spans_total", &peer_c).await == 0.0 {
+    while metric_sum(&[&a, &b], "tailgate_cluster_forwarded_spans_total", &peer_c).await == 0.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "nothing delivered to c"
@@ -299,7 +291,7 @@ async fn a_crashed_node_is_routed_around() {
     // Counted by each survivor's rebalance, right after its ring changed.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let lost = loop {
-        let lost = sum_metric(
+        let lost = metric_sum(
             &[&a, &b],
             "tailgate_cluster_spans_lost_with_peer_total",
             &[],

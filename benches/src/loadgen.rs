@@ -101,12 +101,21 @@ struct Counters {
     last_error: Mutex<Option<String>>,
 }
 
+/// The kinds of pushback, as indexes of `Counters::pushback`.
+#[derive(Clone, Copy)]
+enum Pushback {
+    Http429,
+    Http503,
+    ResourceExhausted,
+    Unavailable,
+}
+
 enum Outcome {
     Accepted {
         rejected: u64,
     },
     Pushback {
-        kind: usize,
+        kind: Pushback,
         retry_after: Option<Duration>,
     },
     Failed(String),
@@ -190,11 +199,11 @@ impl Client {
                         rejected: rejected(resp.get_ref()),
                     },
                     Err(s) if s.code() == tonic::Code::ResourceExhausted => Outcome::Pushback {
-                        kind: 2,
+                        kind: Pushback::ResourceExhausted,
                         retry_after: None,
                     },
                     Err(s) if s.code() == tonic::Code::Unavailable => Outcome::Pushback {
-                        kind: 3,
+                        kind: Pushback::Unavailable,
                         retry_after: None,
                     },
                     Err(s) => Outcome::Failed(format!("{:?}: {}", s.code(), s.message())),
@@ -226,11 +235,11 @@ impl Client {
                             .unwrap_or(0),
                     },
                     429 => Outcome::Pushback {
-                        kind: 0,
+                        kind: Pushback::Http429,
                         retry_after,
                     },
                     503 => Outcome::Pushback {
-                        kind: 1,
+                        kind: Pushback::Http503,
                         retry_after,
                     },
                     other => {
@@ -339,7 +348,7 @@ async fn send(shared: &Shared, client: &mut Client, body: &Encoded, pass: u64, g
                 return;
             }
             Outcome::Pushback { kind, retry_after } => {
-                c.pushback[kind].fetch_add(1, Ordering::Relaxed);
+                c.pushback[kind as usize].fetch_add(1, Ordering::Relaxed);
                 let wait = retry_after.map_or(shared.options.retry_wait, |r| {
                     r.min(shared.options.retry_wait)
                 });
@@ -444,10 +453,10 @@ pub async fn run(corpus: Vec<Batch>, options: Options) -> Stats {
         spans_rejected: get(&c.spans_rejected),
         spans_abandoned: get(&c.spans_abandoned),
         late_spans_sent: get(&c.late_spans_sent),
-        pushback_429: get(&c.pushback[0]),
-        pushback_503: get(&c.pushback[1]),
-        pushback_resource_exhausted: get(&c.pushback[2]),
-        pushback_unavailable: get(&c.pushback[3]),
+        pushback_429: get(&c.pushback[Pushback::Http429 as usize]),
+        pushback_503: get(&c.pushback[Pushback::Http503 as usize]),
+        pushback_resource_exhausted: get(&c.pushback[Pushback::ResourceExhausted as usize]),
+        pushback_unavailable: get(&c.pushback[Pushback::Unavailable as usize]),
         errors: get(&c.errors),
         last_error: c
             .last_error

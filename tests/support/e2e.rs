@@ -10,7 +10,13 @@
 //! ClickHouse. Memory per buffered span is measured on its own gateway,
 //! which holds everything it receives.
 
-use super::{PATIENCE, broker, clickhouse::ClickHouse, gateway::Tailgate, ingest::Ingest, unique};
+use super::{
+    PATIENCE, broker,
+    clickhouse::ClickHouse,
+    gateway::{Tailgate, sum_metric},
+    ingest::Ingest,
+    unique,
+};
 use std::{
     fmt,
     time::{Duration, Instant},
@@ -179,14 +185,6 @@ fn machine() -> String {
     format!("{cores} × {model}")
 }
 
-async fn scrape_sum(nodes: &[&Tailgate], name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut total = 0.0;
-    for n in nodes {
-        total += n.metric(name, labels).await;
-    }
-    total
-}
-
 fn cpu(nodes: &[&Tailgate]) -> Duration {
     nodes
         .iter()
@@ -258,22 +256,35 @@ pub fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
 async fn settle(nodes: &[&Tailgate], offered: u64, patience: Duration) -> Accounting {
     let deadline = Instant::now() + patience;
     loop {
-        let kept = scrape_sum(nodes, "tailgate_published_spans_total", &[]).await as u64;
-        let mut dropped = Vec::new();
-        for reason in [
+        // One scrape per node per poll, summed over nodes for each series.
+        let mut texts = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            texts.push(node.metrics().await);
+        }
+        let sum = |name: &str, labels: &[(&str, &str)]| -> u64 {
+            texts
+                .iter()
+                .map(|t| sum_metric(t, name, labels))
+                .sum::<f64>() as u64
+        };
+        let kept = sum("tailgate_published_spans_total", &[]);
+        let dropped: Vec<(String, u64)> = [
             "policy",
             "late_span_of_dropped_trace",
             "invalid_span",
             "shutdown_unpublished",
-        ] {
-            let n = scrape_sum(nodes, "tailgate_spans_dropped_total", &[("reason", reason)]).await;
-            dropped.push((reason.to_owned(), n as u64));
-        }
+        ]
+        .into_iter()
+        .map(|reason| {
+            let n = sum("tailgate_spans_dropped_total", &[("reason", reason)]);
+            (reason.to_owned(), n)
+        })
+        .collect();
         let accounted: u64 = kept + dropped.iter().map(|(_, n)| n).sum::<u64>();
         if accounted >= offered || Instant::now() >= deadline {
             return Accounting {
                 accepted: offered,
-                received: scrape_sum(nodes, "tailgate_received_spans_total", &[]).await as u64,
+                received: sum("tailgate_received_spans_total", &[]),
                 kept,
                 dropped,
                 lost: offered as i64 - accounted as i64,

@@ -217,6 +217,15 @@ impl Tailgate {
     }
 }
 
+/// `name{labels}` summed over several nodes (each scraped once).
+pub async fn metric_sum(nodes: &[&Tailgate], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for node in nodes {
+        total += node.metric(name, labels).await;
+    }
+    total
+}
+
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
