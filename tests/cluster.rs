@@ -340,8 +340,16 @@ async fn a_crashed_node_is_routed_around() {
 async fn a_delivered_batch_is_not_forwarded_again() {
     use tailgate_gateway::cluster::peer::{Delivery, PeerClient};
     let q = TestQueue::new("noloop").await;
-    let a = node(&q, &[], &[]);
-    let b = node(&q, &[&a], &[]);
+    // Membership checks every 0.5 s: the assertions below read b between
+    // the delivery and b's next check (which moves the stray), and 0.1 s
+    // was too short a window on a loaded machine. The move still comes
+    // well before the 1 s decision wait.
+    let slower = [
+        ("TAILGATE_CLUSTER__REFRESH_SECS", "0.5"),
+        ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "5"),
+    ];
+    let a = node(&q, &[], &slower);
+    let b = node(&q, &[&a], &slower);
     converged(&[&a, &b], 2).await;
     // A trace that a owns, delivered to b as if b's peer had a stale view.
     let ring = tailgate_gateway::cluster::ring::Ring::new([
