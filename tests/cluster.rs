@@ -338,6 +338,7 @@ async fn a_crashed_node_is_routed_around() {
 /// nodes that disagree about membership cannot bounce spans between them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delivered_batch_is_not_forwarded_again() {
+    use prost::Message;
     use tailgate_gateway::cluster::peer::{Delivery, PeerClient};
     let q = TestQueue::new("noloop").await;
     // Membership checks every 0.5 s: the assertions below read b between
@@ -362,7 +363,9 @@ async fn a_delivered_batch_is_not_forwarded_again() {
         .unwrap();
     let delivery = Delivery {
         from: "10.9.9.9:4319".into(),
-        spans: Some(otlp::request(&order_trace(id, 5, None))),
+        spans: otlp::request(&order_trace(id, 5, None))
+            .encode_to_vec()
+            .into(),
         decisions: Vec::new(),
     };
     PeerClient::new(&b.peer)

@@ -5,9 +5,10 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
 use std::{hint::black_box, time::Instant};
 use tailgate_benches::request;
-use tailgate_gateway::{buffer::TakenTrace, route::split_by_trace};
+use tailgate_gateway::route::{DecodedTrace, decode, split};
 use tailgate_sampling_rules::Rules;
 
 /// Twenty rules of the kinds an SRE writes; most traces fall through to the
@@ -36,17 +37,16 @@ rules:
   - { name: rest, action: { sample: { rate: 20 } } }
 "#;
 
-fn traces() -> Vec<TakenTrace> {
+/// Decoded traces, as the rules see them at a decision.
+fn traces() -> Vec<DecodedTrace> {
     let req: ExportTraceServiceRequest = request(1, 100, 10);
-    split_by_trace(req)
+    split(&req.encode_to_vec())
+        .unwrap()
         .batches
         .into_iter()
-        .map(|b| TakenTrace {
+        .map(|b| DecodedTrace {
             trace_id: b.trace_id,
-            span_count: b.span_count,
-            bytes: b.bytes,
-            fragments: b.fragments,
-            received_at: tokio::time::Instant::now(),
+            fragments: decode(b.fragments).0,
         })
         .collect()
 }

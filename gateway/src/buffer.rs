@@ -23,7 +23,7 @@ use std::{
     },
     time::Duration,
 };
-use tailgate_sampling_rules::{SpanRef, TraceId, TraceView};
+use tailgate_sampling_rules::TraceId;
 use tokio::time::Instant;
 
 /// What made a trace due for its decision.
@@ -77,22 +77,7 @@ pub struct TakenTrace {
     pub bytes: usize,
     /// When the root span arrived, or the first span if no root came.
     pub received_at: Instant,
-}
-
-impl TraceView for TakenTrace {
-    fn trace_id(&self) -> TraceId {
-        self.trace_id
-    }
-
-    fn spans(&self) -> impl Iterator<Item = SpanRef<'_>> {
-        self.fragments.iter().flat_map(|f| {
-            f.spans.iter().map(move |span| SpanRef {
-                resource: f.resource.resource.as_ref(),
-                scope: f.scope.scope.as_ref(),
-                span,
-            })
-        })
-    }
+    pub has_root: bool,
 }
 
 #[derive(Debug)]
@@ -268,6 +253,7 @@ impl Buffer {
             span_count: t.span_count,
             bytes,
             received_at: t.root_seen.unwrap_or(t.first_seen),
+            has_root: t.root_seen.is_some(),
         })
     }
 
@@ -342,7 +328,7 @@ impl Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{split_by_trace, tests::request, tests::span};
+    use crate::route::tests::{request, span, split_request};
     use std::num::NonZeroUsize;
 
     fn buffer(max_spans: usize) -> Buffer {
@@ -357,7 +343,7 @@ mod tests {
 
     fn batch(trace: u8, span_id: u8, root: bool) -> TraceBatch {
         let parent = (!root).then_some(99);
-        split_by_trace(request(vec![("svc", vec![span(trace, span_id, parent)])]))
+        split_request(&request(vec![("svc", vec![span(trace, span_id, parent)])]))
             .batches
             .remove(0)
     }

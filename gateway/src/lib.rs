@@ -3,7 +3,8 @@
 //! A span's path, one module per stage, top to bottom:
 //!
 //! 1. [`receive`]: OTLP over gRPC and HTTP, with admission control.
-//! 2. [`route`]: split a request into per-trace batches.
+//! 2. [`route`]: split a request into per-trace batches, spans still
+//!    encoded ([`wire`] walks the protobuf).
 //! 3. [`buffer`]: hold each trace until it is due.
 //! 4. [`decide`]: apply the sampling policy; remember decisions for late spans.
 //! 5. [`publish`]: the outbox and the RabbitMQ publisher with confirms.
@@ -27,3 +28,4 @@ pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod tools;
+pub mod wire;

@@ -12,16 +12,15 @@ use crate::{
     buffer::{Added, Buffer, Ticket, Trigger},
     cluster::{
         Cluster, Owner, handed,
-        peer::{Delivery, Hello, PeerHandler},
+        peer::{Delivery, HandedDecision, Hello, PeerHandler},
         verdict,
     },
     config::Config,
     decide::{Decider, cache::DecisionCache},
     metrics::{DropReason, Metrics},
     publish::Outbox,
-    route::{TraceBatch, split_by_trace},
+    route::{self, Routed, TraceBatch},
 };
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use std::{
     sync::{
         Arc,
@@ -107,12 +106,9 @@ impl Pipeline {
         }
     }
 
-    /// Accepts one export request, or refuses it whole so the client retries.
-    pub fn ingest(
-        &self,
-        request: ExportTraceServiceRequest,
-        protocol: &'static str,
-    ) -> Result<Accepted, Refusal> {
+    /// Accepts one export request, already split by the router, or refuses
+    /// it whole so the client retries.
+    pub fn ingest(&self, routed: Routed, protocol: &'static str) -> Result<Accepted, Refusal> {
         let retry_after = self.retry_after;
         if self.closing.load(Ordering::Relaxed) {
             return Err(Refusal::ShuttingDown { retry_after });
@@ -120,7 +116,6 @@ impl Pipeline {
         if self.cluster.forwarder.is_full() {
             return Err(Refusal::PeerBacklog { retry_after });
         }
-        let routed = split_by_trace(request);
         let now = Instant::now();
         self.admit(routed.bytes, now)?;
         self.metrics.received(protocol, routed.span_count);
@@ -180,16 +175,15 @@ impl Pipeline {
 
     /// Spans and decisions from a peer. Its spans are buffered here whoever
     /// owns them in this node's view: a delivery is never forwarded again.
-    pub fn deliver(&self, delivery: Delivery) -> Result<(), Refusal> {
+    pub fn deliver(&self, routed: Routed, decisions: &[HandedDecision]) -> Result<(), Refusal> {
         if self.sealed.load(Ordering::Relaxed) {
             return Err(Refusal::ShuttingDown {
                 retry_after: self.retry_after,
             });
         }
         let now = Instant::now();
-        let routed = delivery.spans.map(split_by_trace).unwrap_or_default();
         self.admit(routed.bytes, now)?;
-        for d in &delivery.decisions {
+        for d in decisions {
             if let Some((id, verdict)) = verdict(d) {
                 self.decider.cache().insert_if_absent(id, verdict, now);
             }
@@ -238,11 +232,6 @@ impl Pipeline {
             let Some(trace) = self.buffer.take(ticket) else {
                 continue;
             };
-            let has_root = trace
-                .fragments
-                .iter()
-                .flat_map(|f| &f.spans)
-                .any(|s| s.parent_span_id.is_empty());
             self.cluster.forwarder.spans(
                 &peer,
                 TraceBatch {
@@ -250,7 +239,7 @@ impl Pipeline {
                     fragments: trace.fragments,
                     span_count: trace.span_count,
                     bytes: trace.bytes,
-                    has_root,
+                    has_root: trace.has_root,
                 },
             );
             for late in self.buffer.finish(&ticket.trace_id) {
@@ -379,7 +368,10 @@ impl PeerHandler for Pipeline {
     }
 
     fn deliver(&self, delivery: Delivery) -> Result<(), tonic::Status> {
-        Pipeline::deliver(self, delivery).map_err(|r| tonic::Status::unavailable(r.to_string()))
+        let routed = route::split(&delivery.spans)
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad delivery: {e}")))?;
+        Pipeline::deliver(self, routed, &delivery.decisions)
+            .map_err(|r| tonic::Status::unavailable(r.to_string()))
     }
 }
 
@@ -388,7 +380,7 @@ mod tests {
     use super::*;
     use crate::{
         config::RawConfig,
-        route::tests::{request, span},
+        route::tests::{request, span, split_request},
     };
     use opentelemetry_proto::tonic::trace::v1::{Status, status::StatusCode};
 
@@ -441,7 +433,10 @@ mod tests {
     async fn decides_after_root_wait() {
         let (p, outbox, metrics) = pipeline(1 << 20, 1 << 20);
         p.ingest(
-            request(vec![("shop-api", vec![error_span(1), span(2, 1, None)])]),
+            split_request(&request(vec![(
+                "shop-api",
+                vec![error_span(1), span(2, 1, None)],
+            )])),
             "test",
         )
         .unwrap();
@@ -451,10 +446,10 @@ mod tests {
         p.sweep();
         assert_eq!(outbox.messages(), 1);
         p.ingest(
-            request(vec![(
+            split_request(&request(vec![(
                 "crm-api",
                 vec![span(1, 2, Some(1)), span(2, 2, Some(1))],
-            )]),
+            )])),
             "test",
         )
         .unwrap();
@@ -480,8 +475,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn decisions_wait_for_the_ring_to_settle_after_a_change() {
         let (p, outbox, _) = pipeline(1 << 20, 1 << 20);
-        p.ingest(request(vec![("shop-api", vec![error_span(1)])]), "test")
-            .unwrap();
+        p.ingest(
+            split_request(&request(vec![("shop-api", vec![error_span(1)])])),
+            "test",
+        )
+        .unwrap();
         tokio::time::advance(Duration::from_millis(1900)).await;
         p.rebalance();
         tokio::time::advance(Duration::from_millis(200)).await;
@@ -497,21 +495,33 @@ mod tests {
     /// outbox refuses requests retryably instead of dropping them.
     #[tokio::test(start_paused = true)]
     async fn memory_pressure_then_pushback() {
-        let one = split_by_trace(request(vec![("a", vec![error_span(1)])])).bytes;
+        let one = split_request(&request(vec![("a", vec![error_span(1)])])).bytes;
         let (p, outbox, metrics) = pipeline(2 * one, 1);
-        p.ingest(request(vec![("a", vec![error_span(1)])]), "test")
-            .unwrap();
-        p.ingest(request(vec![("a", vec![error_span(2)])]), "test")
-            .unwrap();
-        p.ingest(request(vec![("a", vec![error_span(3)])]), "test")
-            .unwrap();
+        p.ingest(
+            split_request(&request(vec![("a", vec![error_span(1)])])),
+            "test",
+        )
+        .unwrap();
+        p.ingest(
+            split_request(&request(vec![("a", vec![error_span(2)])])),
+            "test",
+        )
+        .unwrap();
+        p.ingest(
+            split_request(&request(vec![("a", vec![error_span(3)])])),
+            "test",
+        )
+        .unwrap();
         assert!(
             metrics
                 .encode()
                 .contains("tailgate_decision_triggers_total{trigger=\"memory_pressure\"} 1")
         );
         assert_eq!(outbox.messages(), 1);
-        let refused = p.ingest(request(vec![("a", vec![error_span(4)])]), "test");
+        let refused = p.ingest(
+            split_request(&request(vec![("a", vec![error_span(4)])])),
+            "test",
+        );
         assert!(matches!(refused, Err(Refusal::OutboxFull { .. })));
         assert!(p.is_shedding());
     }
@@ -521,14 +531,17 @@ mod tests {
     async fn close_flushes() {
         let (p, outbox, _) = pipeline(1 << 20, 1 << 20);
         p.ingest(
-            request(vec![("a", vec![error_span(1), error_span(2)])]),
+            split_request(&request(vec![("a", vec![error_span(1), error_span(2)])])),
             "test",
         )
         .unwrap();
         p.close();
         assert_eq!(outbox.messages(), 2);
         assert!(matches!(
-            p.ingest(request(vec![("a", vec![error_span(3)])]), "test"),
+            p.ingest(
+                split_request(&request(vec![("a", vec![error_span(3)])])),
+                "test"
+            ),
             Err(Refusal::ShuttingDown { .. })
         ));
     }

@@ -4,38 +4,62 @@
 //! The buffer needs them the other way round: per trace, with the resource
 //! and scope of every span kept (shared, not copied) so the trace can be
 //! re-emitted as valid OTLP. This is also where spans with no valid trace or
-//! span ID are rejected; the cluster's owner lookup will sit here too.
+//! span ID are rejected; the cluster's owner lookup follows in the pipeline.
+//!
+//! Spans stay encoded (see [`crate::wire`]): a batch holds each span's
+//! protobuf bytes, copied out of the request so the request itself can be
+//! freed. They are decoded when their trace is decided ([`decode`]).
 
+use crate::wire::{self, Field, WireError, len_field_size, put_len_field};
+use bytes::Bytes;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
-    common::v1::InstrumentationScope,
-    resource::v1::Resource,
     trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
 use prost::Message;
 use std::{collections::HashMap, sync::Arc};
-use tailgate_sampling_rules::TraceId;
+use tailgate_sampling_rules::{SpanRef, TraceId, TraceView};
 
-/// A resource as reported by one request, shared by all its spans' fragments.
-#[derive(Debug, Default, PartialEq)]
-pub struct ResourceMeta {
-    pub resource: Option<Resource>,
-    pub schema_url: String,
+/// `ExportTraceServiceRequest.resource_spans`, `ResourceSpans.scope_spans`
+/// and `ScopeSpans.spans` all have field number 1 or 2.
+const RESOURCE_SPANS: u32 = 1;
+const SCOPE_SPANS: u32 = 2;
+const SPANS: u32 = 2;
+
+/// A resource or a scope as one request reported it: the fields of its
+/// `ResourceSpans` (or `ScopeSpans`) other than what it contains, encoded
+/// to be written out again unchanged, and decoded for the rules.
+#[derive(Debug)]
+pub struct Header<M> {
+    pub encoded: Bytes,
+    /// With its `scope_spans` (or `spans`) empty.
+    pub decoded: M,
 }
 
-/// An instrumentation scope as reported by one request.
-#[derive(Debug, Default, PartialEq)]
-pub struct ScopeMeta {
-    pub scope: Option<InstrumentationScope>,
-    pub schema_url: String,
+impl<M: Message + Default> Header<M> {
+    fn new(fields: &[Field<'_>], what: &str) -> Result<Self, WireError> {
+        let encoded: Vec<u8> = fields.iter().flat_map(|f| f.raw).copied().collect();
+        let decoded =
+            M::decode(encoded.as_slice()).map_err(|e| WireError::new(format!("{what}: {e}")))?;
+        Ok(Self {
+            encoded: Bytes::from(encoded),
+            decoded,
+        })
+    }
 }
 
-/// Spans of one trace that share a resource and a scope.
+pub type ResourceHeader = Arc<Header<ResourceSpans>>;
+pub type ScopeHeader = Arc<Header<ScopeSpans>>;
+
+/// Spans of one trace that share a resource and a scope, encoded.
 #[derive(Debug)]
 pub struct Fragment {
-    pub resource: Arc<ResourceMeta>,
-    pub scope: Arc<ScopeMeta>,
-    pub spans: Vec<Span>,
+    pub resource: ResourceHeader,
+    pub scope: ScopeHeader,
+    /// Each span as an encoded `ScopeSpans.spans` field (key, length, span),
+    /// so that the fragment is a valid `ScopeSpans` body on its own.
+    pub spans: Box<[u8]>,
+    pub span_count: usize,
 }
 
 /// The spans of one trace found in one request.
@@ -60,130 +84,321 @@ pub struct Routed {
     pub rejection: Option<String>,
 }
 
-pub fn split_by_trace(request: ExportTraceServiceRequest) -> Routed {
-    let mut routed = Routed::default();
-    let mut index: HashMap<TraceId, usize> = HashMap::new();
-    for rs in request.resource_spans {
-        let ResourceSpans {
-            resource,
-            scope_spans,
-            schema_url,
-        } = rs;
-        let resource = Arc::new(ResourceMeta {
-            resource,
-            schema_url,
-        });
-        for ss in scope_spans {
-            let ScopeSpans {
-                scope,
-                spans,
-                schema_url,
-            } = ss;
-            let scope = Arc::new(ScopeMeta { scope, schema_url });
-            // Fragments opened for this (resource, scope), by batch index.
-            let mut open: HashMap<usize, usize> = HashMap::new();
-            for span in spans {
-                let Some(trace_id) = TraceId::from_slice(&span.trace_id) else {
-                    routed.reject(format!(
-                        "span {:?} has an invalid trace_id: {} bytes, must be 16 and not all zero",
-                        span.name,
-                        span.trace_id.len()
-                    ));
-                    continue;
-                };
-                if span.span_id.len() != 8 || span.span_id.iter().all(|b| *b == 0) {
-                    routed.reject(format!(
-                        "span {:?} of trace {trace_id} has an invalid span_id: {} bytes, must be 8 and not all zero",
-                        span.name,
-                        span.span_id.len()
-                    ));
-                    continue;
-                }
-                let bytes = span.encoded_len();
-                let b = *index.entry(trace_id).or_insert_with(|| {
-                    routed.batches.push(TraceBatch {
-                        trace_id,
-                        fragments: Vec::new(),
-                        span_count: 0,
-                        bytes: 0,
-                        has_root: false,
-                    });
-                    routed.batches.len() - 1
+/// What the router reads of a span; the rest stays encoded.
+struct SpanIds<'a> {
+    trace_id: &'a [u8],
+    span_id: &'a [u8],
+    parent_span_id: &'a [u8],
+    name: &'a [u8],
+}
+
+impl<'a> SpanIds<'a> {
+    /// Reads the IDs and checks every field, as decoding would.
+    fn read(span: &'a [u8]) -> Result<Self, WireError> {
+        let mut ids = SpanIds {
+            trace_id: &[],
+            span_id: &[],
+            parent_span_id: &[],
+            name: &[],
+        };
+        for field in wire::fields(span) {
+            let field = field?;
+            wire::SPAN.check_field(&field)?;
+            // A repeated singular field: the last one counts, as in prost.
+            match field.number {
+                1 => ids.trace_id = field.len("Span.trace_id")?,
+                2 => ids.span_id = field.len("Span.span_id")?,
+                4 => ids.parent_span_id = field.len("Span.parent_span_id")?,
+                5 => ids.name = field.len("Span.name")?,
+                _ => {}
+            }
+        }
+        Ok(ids)
+    }
+
+    fn name(&self) -> String {
+        String::from_utf8_lossy(self.name).into_owned()
+    }
+}
+
+/// Splits an encoded `ExportTraceServiceRequest` by trace. A request that
+/// would not decode is refused whole, with what is wrong; spans with bad IDs
+/// are rejected one by one.
+pub fn split(request: &[u8]) -> Result<Routed, WireError> {
+    let mut splitter = Splitter::default();
+    for field in wire::fields(request) {
+        let field = field?;
+        if field.number == RESOURCE_SPANS {
+            splitter.resource_spans(field.len("ExportTraceServiceRequest.resource_spans")?)?;
+        }
+    }
+    Ok(splitter.routed)
+}
+
+#[derive(Default)]
+struct Splitter {
+    routed: Routed,
+    /// Batch index of each trace seen so far.
+    index: HashMap<TraceId, usize>,
+}
+
+impl Splitter {
+    fn resource_spans(&mut self, message: &[u8]) -> Result<(), WireError> {
+        let (scopes, header) = partition(message, SCOPE_SPANS)?;
+        let resource: ResourceHeader = Arc::new(Header::new(&header, "ResourceSpans")?);
+        for scope_spans in scopes {
+            self.scope_spans(&resource, scope_spans.len("ResourceSpans.scope_spans")?)?;
+        }
+        Ok(())
+    }
+
+    fn scope_spans(&mut self, resource: &ResourceHeader, message: &[u8]) -> Result<(), WireError> {
+        let (spans, header) = partition(message, SPANS)?;
+        let scope: ScopeHeader = Arc::new(Header::new(&header, "ScopeSpans")?);
+        // Spans of this scope per batch, copied out once their sizes are known.
+        let mut open: Vec<(usize, Vec<&[u8]>)> = Vec::new();
+        let mut open_index: HashMap<usize, usize> = HashMap::new();
+        for field in spans {
+            let ids = SpanIds::read(field.len("ScopeSpans.spans")?)?;
+            let Some(trace_id) = TraceId::from_slice(ids.trace_id) else {
+                self.reject(format!(
+                    "span {:?} has an invalid trace_id: {} bytes, must be 16 and not all zero",
+                    ids.name(),
+                    ids.trace_id.len()
+                ));
+                continue;
+            };
+            if ids.span_id.len() != 8 || ids.span_id.iter().all(|b| *b == 0) {
+                self.reject(format!(
+                    "span {:?} of trace {trace_id} has an invalid span_id: {} bytes, must be 8 and not all zero",
+                    ids.name(),
+                    ids.span_id.len()
+                ));
+                continue;
+            }
+            let routed = &mut self.routed;
+            let b = *self.index.entry(trace_id).or_insert_with(|| {
+                routed.batches.push(TraceBatch {
+                    trace_id,
+                    fragments: Vec::new(),
+                    span_count: 0,
+                    bytes: 0,
+                    has_root: false,
                 });
-                let batch = &mut routed.batches[b];
-                let f = *open.entry(b).or_insert_with(|| {
-                    batch.fragments.push(Fragment {
-                        resource: Arc::clone(&resource),
-                        scope: Arc::clone(&scope),
-                        spans: Vec::new(),
-                    });
-                    batch.fragments.len() - 1
-                });
-                batch.has_root |= span.parent_span_id.is_empty();
-                batch.span_count += 1;
-                batch.bytes += bytes;
-                routed.span_count += 1;
-                routed.bytes += bytes;
-                batch.fragments[f].spans.push(span);
+                routed.batches.len() - 1
+            });
+            let bytes = field.raw.len();
+            let batch = &mut routed.batches[b];
+            batch.has_root |= ids.parent_span_id.is_empty();
+            batch.span_count += 1;
+            batch.bytes += bytes;
+            routed.span_count += 1;
+            routed.bytes += bytes;
+            let o = *open_index.entry(b).or_insert_with(|| {
+                open.push((b, Vec::new()));
+                open.len() - 1
+            });
+            open[o].1.push(field.raw);
+        }
+        for (b, raws) in open {
+            let mut spans = Vec::with_capacity(raws.iter().map(|r| r.len()).sum());
+            for raw in &raws {
+                spans.extend_from_slice(raw);
+            }
+            self.routed.batches[b].fragments.push(Fragment {
+                resource: Arc::clone(resource),
+                scope: Arc::clone(&scope),
+                spans: spans.into_boxed_slice(),
+                span_count: raws.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, why: String) {
+        self.routed.rejected += 1;
+        // OTLP carries one message; the first one tells the client what is wrong.
+        self.routed.rejection.get_or_insert(why);
+    }
+}
+
+/// A message's fields with number `inner` (what it contains), and the others
+/// (its header).
+fn partition(message: &[u8], inner: u32) -> Result<(Vec<Field<'_>>, Vec<Field<'_>>), WireError> {
+    let mut contained = Vec::new();
+    let mut header = Vec::new();
+    for field in wire::fields(message) {
+        let field = field?;
+        if field.number == inner {
+            contained.push(field);
+        } else {
+            header.push(field);
+        }
+    }
+    Ok((contained, header))
+}
+
+/// Writes fragments as one encoded `ExportTraceServiceRequest`, merging
+/// fragments that came from the same request's resource and scope. Nothing
+/// is decoded: this is how spans travel to their owner.
+pub fn encode<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> Vec<u8> {
+    let tree = group(fragments);
+    let scope_len = |frags: &[&Fragment]| {
+        frags[0].scope.encoded.len() + frags.iter().map(|f| f.spans.len()).sum::<usize>()
+    };
+    let resource_len =
+        |(resource, scopes): &(&ResourceHeader, Vec<(&ScopeHeader, Vec<&Fragment>)>)| {
+            resource.encoded.len()
+                + scopes
+                    .iter()
+                    .map(|(_, frags)| len_field_size(SCOPE_SPANS, scope_len(frags)))
+                    .sum::<usize>()
+        };
+    let total = tree
+        .iter()
+        .map(|r| len_field_size(RESOURCE_SPANS, resource_len(r)))
+        .sum();
+    let mut out = Vec::with_capacity(total);
+    for r in &tree {
+        put_len_field(&mut out, RESOURCE_SPANS, resource_len(r));
+        out.extend_from_slice(&r.0.encoded);
+        for (scope, frags) in &r.1 {
+            put_len_field(&mut out, SCOPE_SPANS, scope_len(frags));
+            out.extend_from_slice(&scope.encoded);
+            for f in frags {
+                out.extend_from_slice(&f.spans);
             }
         }
     }
-    routed
+    out
 }
 
-impl Routed {
-    fn reject(&mut self, why: String) {
-        self.rejected += 1;
-        // OTLP carries one message; the first one tells the client what is wrong.
-        self.rejection.get_or_insert(why);
-    }
-}
+/// Fragments by resource, then scope, in first-seen order.
+type Tree<'a> = Vec<(
+    &'a ResourceHeader,
+    Vec<(&'a ScopeHeader, Vec<&'a Fragment>)>,
+)>;
 
-/// Re-assembles fragments into OTLP, merging fragments that came from the
-/// same request's resource and scope.
-pub fn into_request(fragments: Vec<Fragment>) -> ExportTraceServiceRequest {
-    let mut out: Vec<ResourceSpans> = Vec::new();
-    // Parallel to `out`: the shared metadata each entry was built from.
-    let mut keys: Vec<(*const ResourceMeta, Vec<*const ScopeMeta>)> = Vec::new();
-    for fragment in fragments {
-        let rkey = Arc::as_ptr(&fragment.resource);
-        let r = match keys.iter().position(|(k, _)| *k == rkey) {
+/// Groups fragments by their resource, then scope (compared by identity, so
+/// only what came from one request merges).
+fn group<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> Tree<'a> {
+    let mut out: Tree<'a> = Vec::new();
+    for item in fragments {
+        let (resource, scope) = (&item.resource, &item.scope);
+        let r = match out.iter().position(|(k, _)| Arc::ptr_eq(k, resource)) {
             Some(r) => r,
             None => {
-                keys.push((rkey, Vec::new()));
-                out.push(ResourceSpans {
-                    resource: fragment.resource.resource.clone(),
-                    scope_spans: Vec::new(),
-                    schema_url: fragment.resource.schema_url.clone(),
-                });
+                out.push((resource, Vec::new()));
                 out.len() - 1
             }
         };
-        let skey = Arc::as_ptr(&fragment.scope);
+        let scopes = &mut out[r].1;
+        match scopes.iter_mut().find(|(k, _)| Arc::ptr_eq(k, scope)) {
+            Some((_, items)) => items.push(item),
+            None => scopes.push((scope, vec![item])),
+        }
+    }
+    out
+}
+
+/// A fragment with its spans decoded.
+#[derive(Debug)]
+pub struct Decoded {
+    pub resource: ResourceHeader,
+    pub scope: ScopeHeader,
+    pub spans: Vec<Span>,
+}
+
+/// Decodes fragments' spans. They were checked when they arrived, so this
+/// does not fail; a fragment that did would be left out and counted in the
+/// second value.
+pub fn decode(fragments: Vec<Fragment>) -> (Vec<Decoded>, usize) {
+    let mut undecodable = 0;
+    let decoded = fragments
+        .into_iter()
+        .filter_map(|f| match ScopeSpans::decode(&*f.spans) {
+            Ok(body) => Some(Decoded {
+                resource: f.resource,
+                scope: f.scope,
+                spans: body.spans,
+            }),
+            Err(_) => {
+                undecodable += f.span_count;
+                None
+            }
+        })
+        .collect();
+    (decoded, undecodable)
+}
+
+/// A decoded trace, as the rules see it.
+#[derive(Debug)]
+pub struct DecodedTrace {
+    pub trace_id: TraceId,
+    pub fragments: Vec<Decoded>,
+}
+
+impl TraceView for DecodedTrace {
+    fn trace_id(&self) -> TraceId {
+        self.trace_id
+    }
+
+    fn spans(&self) -> impl Iterator<Item = SpanRef<'_>> {
+        self.fragments.iter().flat_map(|f| {
+            f.spans.iter().map(move |span| SpanRef {
+                resource: f.resource.decoded.resource.as_ref(),
+                scope: f.scope.decoded.scope.as_ref(),
+                span,
+            })
+        })
+    }
+}
+
+/// Re-assembles decoded fragments into OTLP, merging fragments that came
+/// from the same request's resource and scope.
+pub fn into_request(fragments: Vec<Decoded>) -> ExportTraceServiceRequest {
+    let mut out: Vec<ResourceSpans> = Vec::new();
+    // Parallel to `out`: the headers each entry was built from.
+    let mut keys: Vec<(ResourceHeader, Vec<ScopeHeader>)> = Vec::new();
+    for f in fragments {
+        let r = match keys.iter().position(|(k, _)| Arc::ptr_eq(k, &f.resource)) {
+            Some(r) => r,
+            None => {
+                out.push(ResourceSpans {
+                    resource: f.resource.decoded.resource.clone(),
+                    scope_spans: Vec::new(),
+                    schema_url: f.resource.decoded.schema_url.clone(),
+                });
+                keys.push((f.resource, Vec::new()));
+                out.len() - 1
+            }
+        };
         let scopes = &mut keys[r].1;
-        let s = match scopes.iter().position(|k| *k == skey) {
+        let s = match scopes.iter().position(|k| Arc::ptr_eq(k, &f.scope)) {
             Some(s) => s,
             None => {
-                scopes.push(skey);
                 out[r].scope_spans.push(ScopeSpans {
-                    scope: fragment.scope.scope.clone(),
+                    scope: f.scope.decoded.scope.clone(),
                     spans: Vec::new(),
-                    schema_url: fragment.scope.schema_url.clone(),
+                    schema_url: f.scope.decoded.schema_url.clone(),
                 });
+                scopes.push(f.scope);
                 scopes.len() - 1
             }
         };
-        out[r].scope_spans[s].spans.extend(fragment.spans);
+        out[r].scope_spans[s].spans.extend(f.spans);
     }
     ExportTraceServiceRequest {
         resource_spans: out,
     }
 }
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+    use opentelemetry_proto::tonic::{
+        common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value::Value},
+        resource::v1::Resource,
+    };
 
     pub(crate) fn span(trace: u8, span: u8, parent: Option<u8>) -> Span {
         Span {
@@ -206,6 +421,11 @@ pub(crate) mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// Splits a request as the receivers do, from its encoding.
+    pub(crate) fn split_request(request: &ExportTraceServiceRequest) -> Routed {
+        split(&request.encode_to_vec()).unwrap()
     }
 
     pub(crate) fn request(groups: Vec<(&str, Vec<Span>)>) -> ExportTraceServiceRequest {
@@ -236,7 +456,7 @@ pub(crate) mod tests {
             ("shop-api", vec![span(1, 1, None), span(2, 2, Some(9))]),
             ("crm-api", vec![span(1, 3, Some(1))]),
         ]);
-        let routed = split_by_trace(req);
+        let routed = split_request(&req);
         assert_eq!(routed.batches.len(), 2);
         assert_eq!(routed.span_count, 3);
         assert_eq!(routed.rejected, 0);
@@ -247,7 +467,7 @@ pub(crate) mod tests {
         assert_eq!(one.fragments.len(), 2);
         assert!(!routed.batches[1].has_root);
         let mut routed = routed;
-        let back = into_request(routed.batches.swap_remove(0).fragments);
+        let back = into_request(decode(routed.batches.swap_remove(0).fragments).0);
         assert_eq!(back.resource_spans.len(), 2);
         assert_eq!(back.resource_spans[1].resource, Some(resource("crm-api")));
     }
@@ -260,7 +480,7 @@ pub(crate) mod tests {
         let zero = span(0, 1, None);
         let mut no_span_id = span(3, 1, None);
         no_span_id.span_id.clear();
-        let routed = split_by_trace(request(vec![(
+        let routed = split_request(&request(vec![(
             "a",
             vec![short, zero, no_span_id, span(4, 4, None)],
         )]));
@@ -272,12 +492,45 @@ pub(crate) mod tests {
     /// Fragments from the same request merge back into one resource and scope.
     #[test]
     fn reassembly_merges_shared_metadata() {
-        let mut routed = split_by_trace(request(vec![(
+        let mut routed = split_request(&request(vec![(
             "a",
             vec![span(1, 1, None), span(1, 2, Some(1))],
         )]));
-        let back = into_request(routed.batches.remove(0).fragments);
+        let back = into_request(decode(routed.batches.remove(0).fragments).0);
         assert_eq!(back.resource_spans.len(), 1);
         assert_eq!(back.resource_spans[0].scope_spans[0].spans.len(), 2);
+    }
+
+    /// Fragments written back out without decoding make the same request:
+    /// resources, scopes and spans byte for byte, merged as before.
+    #[test]
+    fn encoding_without_decoding_round_trips() {
+        let req = request(vec![
+            ("shop-api", vec![span(1, 1, None), span(1, 2, Some(1))]),
+            ("crm-api", vec![span(1, 3, Some(1))]),
+        ]);
+        let routed = split_request(&req);
+        let fragments = &routed.batches[0].fragments;
+        let bytes = encode(fragments.iter());
+        assert_eq!(bytes, req.encode_to_vec());
+        assert_eq!(
+            ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap(),
+            req
+        );
+    }
+
+    /// A request that prost would not decode is refused whole, saying why,
+    /// even when the fault is deep inside one span.
+    #[test]
+    fn malformed_requests_are_refused() {
+        assert!(split(&[0xff, 0xff]).is_err());
+        let mut bad = span(1, 1, None);
+        bad.name = "x".repeat(40);
+        let mut bytes = request(vec![("a", vec![bad])]).encode_to_vec();
+        let at = bytes.iter().position(|b| *b == b'x').unwrap();
+        bytes[at] = 0xc0;
+        let err = split(&bytes).unwrap_err();
+        assert!(err.to_string().contains("Span.name"), "{err}");
+        assert!(ExportTraceServiceRequest::decode(bytes.as_slice()).is_err());
     }
 }

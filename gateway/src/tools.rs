@@ -2,11 +2,11 @@
 //! before it ships.
 
 use crate::{
-    buffer::TakenTrace,
     receive::decode_json,
-    route::{Fragment, split_by_trace},
+    route::{self, DecodedTrace},
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
 use std::{fmt::Write, path::Path, time::Instant};
 use tailgate_sampling_rules::{Decision, Rules, RulesError, SpanRef, TraceView};
 
@@ -76,11 +76,12 @@ pub fn test(rules_path: &Path, traces_path: &Path) -> Result<String, ToolError> 
         path: shown.clone(),
         source,
     })?;
-    let requests = parse_traces(&text).map_err(|message| ToolError::Traces {
-        path: shown,
-        message,
-    })?;
-    let traces = group(requests);
+    let traces = parse_traces(&text)
+        .and_then(group)
+        .map_err(|message| ToolError::Traces {
+            path: shown,
+            message,
+        })?;
     let now = Instant::now();
     let mut out = format!(
         "{:<32}  {:<8}  {:<24}  {:>14}  {:>5}  root\n",
@@ -103,7 +104,7 @@ pub fn test(rules_path: &Path, traces_path: &Path) -> Result<String, ToolError> 
             out,
             "{:<32}  {decision:<8}  {rule:<24}  {adjusted:>14}  {:>5}  {root}",
             t.trace_id.to_hex(),
-            t.span_count
+            t.spans().count()
         );
     }
     Ok(out)
@@ -124,26 +125,22 @@ fn parse_traces(text: &[u8]) -> Result<Vec<ExportTraceServiceRequest>, String> {
     }
 }
 
-/// Spans grouped by trace, in the order traces first appear.
-fn group(requests: Vec<ExportTraceServiceRequest>) -> Vec<TakenTrace> {
-    let mut traces: Vec<TakenTrace> = Vec::new();
+/// Spans grouped by trace, in the order traces first appear, as the
+/// gateway sees them at their decision.
+fn group(requests: Vec<ExportTraceServiceRequest>) -> Result<Vec<DecodedTrace>, String> {
+    let mut traces: Vec<DecodedTrace> = Vec::new();
     for request in requests {
-        for batch in split_by_trace(request).batches {
-            let fragments: Vec<Fragment> = batch.fragments;
+        let routed = route::split(&request.encode_to_vec()).map_err(|e| e.to_string())?;
+        for batch in routed.batches {
+            let (fragments, _) = route::decode(batch.fragments);
             match traces.iter_mut().find(|t| t.trace_id == batch.trace_id) {
-                Some(t) => {
-                    t.fragments.extend(fragments);
-                    t.span_count += batch.span_count;
-                }
-                None => traces.push(TakenTrace {
+                Some(t) => t.fragments.extend(fragments),
+                None => traces.push(DecodedTrace {
                     trace_id: batch.trace_id,
                     fragments,
-                    span_count: batch.span_count,
-                    bytes: batch.bytes,
-                    received_at: tokio::time::Instant::now(),
                 }),
             }
         }
     }
-    traces
+    Ok(traces)
 }

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     metrics::Metrics,
-    route::{TraceBatch, into_request, split_by_trace},
+    route::{self, TraceBatch},
 };
 use std::{
     collections::HashMap,
@@ -242,8 +242,7 @@ impl Forwarder {
             let spans: usize = batches.iter().map(|b| b.span_count).sum();
             let delivery = Delivery {
                 from: self.membership.me().to_string(),
-                spans: (!batches.is_empty())
-                    .then(|| into_request(batches.into_iter().flat_map(|b| b.fragments).collect())),
+                spans: route::encode(batches.iter().flat_map(|b| &b.fragments)).into(),
                 decisions,
             };
             let result = match self.membership.client(&peer) {
@@ -262,10 +261,6 @@ impl Forwarder {
                 Err(error) => {
                     self.metrics.cluster_peer_error(&peer);
                     warn!(peer = %peer, %error, spans, "delivery to peer failed; retrying");
-                    let batches = delivery
-                        .spans
-                        .map(|r| split_by_trace(r).batches)
-                        .unwrap_or_default();
                     self.put_back(&peer, batches, delivery.decisions, bytes);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -11,7 +11,6 @@
 
 use crate::grpc_raw::RawCodec;
 use bytes::Bytes;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{convert::Infallible, sync::Arc, time::Duration};
 use tonic::{
@@ -57,8 +56,10 @@ pub struct HandedDecision {
 pub struct Delivery {
     #[prost(string, tag = "1")]
     pub from: String,
-    #[prost(message, optional, tag = "2")]
-    pub spans: Option<ExportTraceServiceRequest>,
+    /// An encoded `ExportTraceServiceRequest` (wire-compatible with
+    /// declaring it as that message), so spans travel without being decoded.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub spans: Bytes,
     #[prost(message, repeated, tag = "3")]
     pub decisions: Vec<HandedDecision>,
 }

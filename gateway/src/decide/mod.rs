@@ -12,7 +12,7 @@ use crate::{
     buffer::{TakenTrace, Trigger},
     metrics::{DropReason, Metrics},
     publish::{OutMessage, Outbox},
-    route::{Fragment, TraceBatch, into_request},
+    route::{Decoded, DecodedTrace, Fragment, TraceBatch, decode, into_request},
 };
 use arc_swap::ArcSwap;
 use cache::{DecisionCache, Verdict};
@@ -66,7 +66,11 @@ impl Decider {
     /// Decides a trace taken from the buffer, remembers the decision, and
     /// queues the trace for publishing if kept.
     pub fn decide(&self, trace: TakenTrace, trigger: Trigger, now: Instant) -> Verdict {
-        let decision = self.rules.load().decide(&trace, now.into_std());
+        let view = DecodedTrace {
+            trace_id: trace.trace_id,
+            fragments: self.decode(trace.fragments),
+        };
+        let decision = self.rules.load().decide(&view, now.into_std());
         let latency = now.saturating_duration_since(trace.received_at);
         self.metrics.decided(
             decision.is_keep(),
@@ -76,12 +80,12 @@ impl Decider {
         );
         let verdict = match decision {
             Decision::Keep(kept) => {
-                let root_service: Arc<str> = root_service(&trace).unwrap_or("unknown").into();
+                let root_service: Arc<str> = root_service(&view).unwrap_or("unknown").into();
                 self.publish(
                     trace.trace_id,
                     &kept,
                     &root_service,
-                    trace.fragments,
+                    view.fragments,
                     trace.received_at,
                 );
                 Verdict::Keep { kept, root_service }
@@ -100,7 +104,8 @@ impl Decider {
         match verdict {
             Verdict::Keep { kept, root_service } => {
                 self.metrics.late(true, batch.span_count);
-                self.publish(batch.trace_id, kept, root_service, batch.fragments, now);
+                let fragments = self.decode(batch.fragments);
+                self.publish(batch.trace_id, kept, root_service, fragments, now);
             }
             Verdict::Drop => {
                 self.metrics.late(false, batch.span_count);
@@ -110,12 +115,22 @@ impl Decider {
         }
     }
 
+    /// Decodes buffered spans. They were checked on arrival, so none should
+    /// fail; any that did would be counted, never silently lost.
+    fn decode(&self, fragments: Vec<Fragment>) -> Vec<Decoded> {
+        let (decoded, undecodable) = decode(fragments);
+        if undecodable > 0 {
+            self.metrics.dropped(DropReason::InvalidSpan, undecodable);
+        }
+        decoded
+    }
+
     fn publish(
         &self,
         trace_id: TraceId,
         kept: &Kept,
         root_service: &Arc<str>,
-        mut fragments: Vec<Fragment>,
+        mut fragments: Vec<Decoded>,
         received_at: Instant,
     ) {
         let span_count = annotate(&mut fragments, kept);
@@ -133,7 +148,7 @@ impl Decider {
 }
 
 /// The `service.name` of the trace's root span, if the root arrived.
-fn root_service(trace: &TakenTrace) -> Option<&str> {
+fn root_service(trace: &DecodedTrace) -> Option<&str> {
     trace
         .spans()
         .find(SpanRef::is_root)
@@ -143,7 +158,7 @@ fn root_service(trace: &TakenTrace) -> Option<&str> {
 /// Marks every span with the decision: `sampling.rule`,
 /// `sampling.adjusted_count`, and the OTEP 235 threshold in its tracestate.
 /// Returns the number of spans.
-fn annotate(fragments: &mut [Fragment], kept: &Kept) -> usize {
+fn annotate(fragments: &mut [Decoded], kept: &Kept) -> usize {
     let mut count = 0;
     for span in fragments.iter_mut().flat_map(|f| f.spans.iter_mut()) {
         let (trace_state, effective) = with_threshold(&span.trace_state, kept.threshold);
@@ -173,17 +188,17 @@ fn annotate(fragments: &mut [Fragment], kept: &Kept) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{split_by_trace, tests::request, tests::span};
+    use crate::route::tests::{request, span, split_request};
     use tailgate_sampling_rules::{RuleName, Threshold};
 
     /// Kept spans carry the rule, the adjusted count and `ot=th` in their tracestate.
     #[test]
     fn annotation() {
-        let mut routed = split_by_trace(request(vec![(
+        let mut routed = split_request(&request(vec![(
             "svc",
             vec![span(1, 1, None), span(1, 2, Some(1))],
         )]));
-        let mut fragments = routed.batches.remove(0).fragments;
+        let mut fragments = decode(routed.batches.remove(0).fragments).0;
         fragments[0].spans[1].trace_state = "vendor=1".into();
         let kept = Kept::at(RuleName::new("random"), Threshold::from_th("8").unwrap());
         assert_eq!(annotate(&mut fragments, &kept), 2);

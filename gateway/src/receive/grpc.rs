@@ -4,9 +4,9 @@
 //! than the generated `TraceServiceServer`, because the generated codec
 //! reports protobuf decode errors as INTERNAL; OTLP wants INVALID_ARGUMENT
 //! for a malformed request, so the codec hands over raw bytes and decoding
-//! happens in [`super::decode_protobuf`], shared with the HTTP receiver.
+//! happens in [`super::route_protobuf`], shared with the HTTP receiver.
 
-use super::{ReceiveError, accepted_outcome, decode_protobuf, response};
+use super::{ReceiveError, accepted_outcome, response, route_protobuf};
 use crate::grpc_raw::RawCodec;
 use crate::{metrics::Metrics, pipeline::Pipeline};
 use bytes::Bytes;
@@ -58,8 +58,8 @@ impl TraceService {
     }
 
     fn export(&self, body: &[u8]) -> Result<Bytes, ReceiveError> {
-        let request = decode_protobuf(body)?;
-        let accepted = self.pipeline.ingest(request, PROTOCOL)?;
+        let routed = route_protobuf(body)?;
+        let accepted = self.pipeline.ingest(routed, PROTOCOL)?;
         self.metrics.request(PROTOCOL, accepted_outcome(&accepted));
         Ok(Bytes::from(response(&accepted).encode_to_vec()))
     }

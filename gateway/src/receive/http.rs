@@ -5,7 +5,7 @@
 //! request's encoding: an `ExportTraceServiceResponse`, or a `google.rpc.Status`
 //! with a message for errors, as the OTLP specification asks.
 
-use super::{ReceiveError, accepted_outcome, decode_json, decode_protobuf, response};
+use super::{ReceiveError, accepted_outcome, response, route_json, route_protobuf};
 use crate::{
     metrics::Metrics,
     pipeline::{Pipeline, Refusal},
@@ -117,11 +117,11 @@ async fn export(State(r): State<Receiver>, headers: HeaderMap, body: Body) -> Re
             return r.fail(protocol, encoding, err);
         }
     };
-    let decoded = match encoding {
-        Encoding::Protobuf => decode_protobuf(&bytes),
-        Encoding::Json => decode_json(&bytes),
+    let routed = match encoding {
+        Encoding::Protobuf => route_protobuf(&bytes),
+        Encoding::Json => route_json(&bytes),
     };
-    let accepted = match decoded.and_then(|req| Ok(r.pipeline.ingest(req, protocol)?)) {
+    let accepted = match routed.and_then(|routed| Ok(r.pipeline.ingest(routed, protocol)?)) {
         Ok(accepted) => accepted,
         Err(err) => return r.fail(protocol, encoding, err),
     };

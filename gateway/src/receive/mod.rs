@@ -10,7 +10,10 @@
 pub mod grpc;
 pub mod http;
 
-use crate::pipeline::{Accepted, Refusal};
+use crate::{
+    pipeline::{Accepted, Refusal},
+    route::{self, Routed},
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -45,8 +48,15 @@ impl ReceiveError {
     }
 }
 
-pub fn decode_protobuf(body: &[u8]) -> Result<ExportTraceServiceRequest, ReceiveError> {
-    ExportTraceServiceRequest::decode(body).map_err(|e| ReceiveError::Malformed(e.to_string()))
+/// Checks a protobuf request and splits it by trace (stage 2), without
+/// decoding its spans; a request prost would not decode is malformed.
+pub fn route_protobuf(body: &[u8]) -> Result<Routed, ReceiveError> {
+    route::split(body).map_err(|e| ReceiveError::Malformed(e.to_string()))
+}
+
+/// OTLP/JSON is decoded, then encoded, and takes the protobuf path from there.
+pub fn route_json(body: &[u8]) -> Result<Routed, ReceiveError> {
+    route_protobuf(&decode_json(body)?.encode_to_vec())
 }
 
 pub fn decode_json(body: &[u8]) -> Result<ExportTraceServiceRequest, ReceiveError> {
@@ -98,7 +108,8 @@ mod tests {
     fn malformed_input_is_explained() {
         let err = decode_json(br#"{"resourceSpans": 5}"#).unwrap_err();
         assert!(err.to_string().contains("malformed OTLP request"), "{err}");
-        let err = decode_protobuf(&[0xff, 0xff]).unwrap_err();
+        let err = route_protobuf(&[0xff, 0xff]).unwrap_err();
         assert!(matches!(err, ReceiveError::Malformed(_)));
+        assert!(err.to_string().contains("malformed OTLP request"), "{err}");
     }
 }
