@@ -406,6 +406,58 @@ struct RpcStatus {
     message: String,
 }
 
+/// The broker answers kept traces with a return (no queue bound yet), then
+/// with nacks (the queue is full and rejects publishes): neither counts as
+/// published. Every message stays in the outbox and is retried until the
+/// broker acks it, so all traces arrive once there is room.
+#[tokio::test(flavor = "multi_thread")]
+async fn returned_and_nacked_messages_are_retried() {
+    let mut q = TestQueue::unbound_single_slot("nack").await;
+    let gw = Gateway::start(
+        &amqp_url(),
+        &q.exchange,
+        &[("TAILGATE_RABBITMQ__MAX_BACKOFF_SECS", "1")],
+    );
+    let ids: Vec<_> = (0..3).map(|i| trace_id(77, i)).collect();
+    let spans: Vec<_> = ids
+        .iter()
+        .flat_map(|id| order_trace(*id, 3, Some("nack test")))
+        .collect();
+    let resp = otlp::send_http_protobuf(&gw.http_url(), &otlp::request(&spans)).await;
+    assert_eq!(resp.status(), 200);
+    gw.wait_metric(
+        "tailgate_published_messages_total",
+        &[("outcome", "returned")],
+        1.0,
+    )
+    .await;
+    assert_eq!(gw.metric("tailgate_outbox_messages", &[]).await, 3.0);
+
+    // Bound: one message fits, the broker nacks the others.
+    q.bind().await;
+    gw.wait_metric(
+        "tailgate_published_messages_total",
+        &[("outcome", "nack")],
+        1.0,
+    )
+    .await;
+    assert!(gw.metric("tailgate_outbox_messages", &[]).await >= 2.0);
+
+    // Consumed: room again, and every trace arrives.
+    q.consume().await;
+    let got: BTreeSet<String> = q.take(3).await.iter().map(|m| m.trace_id()).collect();
+    let want: BTreeSet<String> = ids.iter().map(|id| hex(id)).collect();
+    assert_eq!(got, want);
+    gw.wait_metric(
+        "tailgate_published_messages_total",
+        &[("outcome", "ack")],
+        3.0,
+    )
+    .await;
+    assert_eq!(gw.metric("tailgate_outbox_messages", &[]).await, 0.0);
+    q.delete().await;
+}
+
 /// The broker is unreachable when the gateway starts, and cut again
 /// mid-run: kept traces wait in the outbox (the node says it is not
 /// ready), requests are refused retryably once the outbox is full, and

@@ -204,7 +204,7 @@ pub struct RawRabbitmq {
     pub exchange: String,
     /// Bound on kept traces waiting for a publisher confirm.
     pub outbox_max_bytes: usize,
-    /// Messages published before waiting for their confirms.
+    /// Most messages awaiting a publisher confirm at once.
     pub max_in_flight: usize,
     /// A confirm not received within this is treated as a lost connection.
     pub confirm_timeout_secs: u64,

@@ -61,11 +61,31 @@ pub struct TestQueue {
     _connection: Connection,
     channel: lapin::Channel,
     pub exchange: String,
-    consumer: Consumer,
+    consumer: Option<Consumer>,
 }
 
 impl TestQueue {
     pub async fn new(tag: &str) -> Self {
+        let mut q = Self::declare(tag, FieldTable::default()).await;
+        q.bind().await;
+        q.consume().await;
+        q
+    }
+
+    /// The exchange and a queue that holds one message and makes the broker
+    /// nack the next (`reject-publish`), not yet bound (so messages are
+    /// returned as unroutable) and not yet consumed.
+    pub async fn unbound_single_slot(tag: &str) -> Self {
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        Self::declare(tag, args).await
+    }
+
+    async fn declare(tag: &str, queue_args: FieldTable) -> Self {
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .expect("connect to RabbitMQ (see README: the test command starts it)");
@@ -84,32 +104,46 @@ impl TestQueue {
             )
             .await
             .expect("declare exchange");
-        let queue = format!("{exchange}.q");
         channel
             .queue_declare(
-                queue.as_str().into(),
+                format!("{exchange}.q").as_str().into(),
                 QueueDeclareOptions {
                     exclusive: true,
                     auto_delete: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                queue_args,
             )
             .await
             .expect("declare queue");
-        channel
+        Self {
+            _connection: connection,
+            channel,
+            exchange,
+            consumer: None,
+        }
+    }
+
+    /// Binds the queue to the exchange with `traces.#`.
+    pub async fn bind(&mut self) {
+        self.channel
             .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
+                format!("{}.q", self.exchange).as_str().into(),
+                self.exchange.as_str().into(),
                 "traces.#".into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await
             .expect("bind");
-        let consumer = channel
+    }
+
+    /// Starts consuming the queue, for [`TestQueue::next`].
+    pub async fn consume(&mut self) {
+        let consumer = self
+            .channel
             .basic_consume(
-                queue.as_str().into(),
+                format!("{}.q", self.exchange).as_str().into(),
                 "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -119,17 +153,13 @@ impl TestQueue {
             )
             .await
             .expect("consume");
-        Self {
-            _connection: connection,
-            channel,
-            exchange,
-            consumer,
-        }
+        self.consumer = Some(consumer);
     }
 
     /// The next message, or `None` after `PATIENCE`.
     pub async fn next(&mut self) -> Option<Received> {
-        let delivery = tokio::time::timeout(PATIENCE, self.consumer.next())
+        let consumer = self.consumer.as_mut().expect("TestQueue::consume first");
+        let delivery = tokio::time::timeout(PATIENCE, consumer.next())
             .await
             .ok()??
             .expect("delivery");

@@ -10,14 +10,16 @@ use super::{OutMessage, Outbox};
 use crate::{config, metrics::Metrics};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
     options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use std::{
+    collections::VecDeque,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tracing::{info, warn};
 
 /// Why the publisher gave up its connection. Every kind is retried: nothing
@@ -126,100 +128,172 @@ fn properties(msg: &OutMessage) -> BasicProperties {
         .with_headers(headers)
 }
 
-/// Publishes batches until the connection fails.
+/// A published message waiting for its confirm.
+struct InFlight {
+    msg: OutMessage,
+    confirm: PublisherConfirm,
+    deadline: Instant,
+}
+
+/// How the broker answered one message.
+enum Answer {
+    Confirmed,
+    /// Nacked or returned: retried after a backoff.
+    Rejected,
+    /// The channel is no good: reconnect.
+    Failed(PublishError),
+}
+
+/// Publishes until the connection fails. Up to `max_in_flight` messages are
+/// unconfirmed at a time, and the next is published as soon as one settles:
+/// a message never waits for a whole earlier batch to be confirmed (the
+/// broker confirms persistent messages only after its next disk sync).
 async fn pump(
     cfg: &config::Rabbitmq,
     channel: &Channel,
     outbox: &Outbox,
     metrics: &Metrics,
 ) -> PublishError {
+    let max = cfg.max_in_flight.get();
+    let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(max);
+    // Nacked or returned messages, held until what was published after them settles.
+    let mut rejected: Vec<OutMessage> = Vec::new();
+    // What a failed publish left unsent.
+    let mut unpublished: Vec<OutMessage> = Vec::new();
     let mut retry_backoff = FIRST_BACKOFF;
     loop {
-        let batch = tokio::select! {
-            batch = outbox.take(cfg.max_in_flight.get()) => batch,
+        let room = max - in_flight.len();
+        let failure = tokio::select! {
+            // Confirms come in publishing order; the oldest is due first.
+            (answer, msg) = oldest_answer(&mut in_flight, cfg, metrics), if !in_flight.is_empty() => {
+                match answer {
+                    Answer::Confirmed => {
+                        outbox.settle(&msg);
+                        None
+                    }
+                    Answer::Rejected => {
+                        rejected.push(msg);
+                        None
+                    }
+                    Answer::Failed(err) => {
+                        rejected.push(msg);
+                        Some(err)
+                    }
+                }
+            }
+            batch = outbox.take(room), if room > 0 && rejected.is_empty() => {
+                publish(cfg, channel, batch, &mut in_flight, metrics)
+                    .await
+                    .err()
+                    .map(|(err, rest)| {
+                        unpublished = rest;
+                        err
+                    })
+            }
             // Notice a dead connection while idle, so readiness is honest.
-            () = sleep(Duration::from_secs(1)) => {
-                if channel.status().connected() { continue } else { return PublishError::ConnectionLost }
+            () = sleep(Duration::from_secs(1)), if in_flight.is_empty() => {
+                (!channel.status().connected()).then_some(PublishError::ConnectionLost)
             }
         };
-        let mut retry = Vec::new();
-        let mut failure = None;
-        let mut pending = Vec::with_capacity(batch.len());
-        for msg in batch {
-            if failure.is_some() {
-                retry.push(msg);
-                continue;
-            }
-            let published = channel
-                .basic_publish(
-                    cfg.exchange.as_str().into(),
-                    msg.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &msg.body,
-                    properties(&msg),
-                )
-                .await;
-            match published {
-                Ok(confirm) => pending.push((msg, confirm)),
-                Err(e) => {
-                    metrics.publish_outcome("failed");
-                    failure = Some(PublishError::Publish(e));
-                    retry.push(msg);
-                }
-            }
-        }
-        let mut rejected = false;
-        for (msg, confirm) in pending {
-            match timeout(cfg.confirm_timeout, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => {
-                    metrics.confirmed(
-                        msg.span_count,
-                        Instant::now()
-                            .saturating_duration_since(msg.received_at)
-                            .as_secs_f64(),
-                    );
-                    outbox.settle(&msg);
-                }
-                Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                    metrics.publish_outcome("returned");
-                    warn!(routing_key = %msg.routing_key, exchange = %cfg.exchange, "message returned: no queue is bound for it; retrying");
-                    rejected = true;
-                    retry.push(msg);
-                }
-                Ok(Ok(Confirmation::Nack(_))) => {
-                    metrics.publish_outcome("nack");
-                    warn!(message_id = %msg.id, "broker nacked a message; retrying");
-                    rejected = true;
-                    retry.push(msg);
-                }
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    failure.get_or_insert(PublishError::ConfirmsNotEnabled);
-                    retry.push(msg);
-                }
-                Ok(Err(e)) => {
-                    metrics.publish_outcome("failed");
-                    failure.get_or_insert(PublishError::Publish(e));
-                    retry.push(msg);
-                }
-                Err(_) => {
-                    metrics.publish_outcome("failed");
-                    failure.get_or_insert(PublishError::ConfirmTimeout(cfg.confirm_timeout));
-                    retry.push(msg);
-                }
-            }
-        }
-        outbox.requeue(retry);
         if let Some(failure) = failure {
+            // Unconfirmed messages go back in publishing order; they are
+            // published again, under the same message IDs, after reconnecting.
+            rejected.extend(in_flight.drain(..).map(|f| f.msg));
+            rejected.append(&mut unpublished);
+            outbox.requeue(rejected);
             return failure;
         }
-        if rejected {
+        if !rejected.is_empty() && in_flight.is_empty() {
+            outbox.requeue(std::mem::take(&mut rejected));
             sleep(retry_backoff).await;
             retry_backoff = (retry_backoff * 2).min(cfg.max_backoff);
-        } else {
+        } else if rejected.is_empty() && in_flight.is_empty() {
             retry_backoff = FIRST_BACKOFF;
         }
+    }
+}
+
+/// Publishes a batch; stops at the first failure, returning what was not sent.
+async fn publish(
+    cfg: &config::Rabbitmq,
+    channel: &Channel,
+    batch: Vec<OutMessage>,
+    in_flight: &mut VecDeque<InFlight>,
+    metrics: &Metrics,
+) -> Result<(), (PublishError, Vec<OutMessage>)> {
+    let mut batch = batch.into_iter();
+    while let Some(msg) = batch.next() {
+        let published = channel
+            .basic_publish(
+                cfg.exchange.as_str().into(),
+                msg.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &msg.body,
+                properties(&msg),
+            )
+            .await;
+        match published {
+            Ok(confirm) => in_flight.push_back(InFlight {
+                msg,
+                confirm,
+                deadline: Instant::now() + cfg.confirm_timeout,
+            }),
+            Err(e) => {
+                metrics.publish_outcome("failed");
+                let rest = std::iter::once(msg).chain(batch).collect();
+                return Err((PublishError::Publish(e), rest));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the oldest in-flight message's confirm and takes it out.
+async fn oldest_answer(
+    in_flight: &mut VecDeque<InFlight>,
+    cfg: &config::Rabbitmq,
+    metrics: &Metrics,
+) -> (Answer, OutMessage) {
+    let Some(front) = in_flight.front_mut() else {
+        return std::future::pending().await;
+    };
+    let result = timeout_at(front.deadline, &mut front.confirm).await;
+    let answer = match result {
+        Ok(Ok(Confirmation::Ack(None))) => {
+            metrics.confirmed(
+                front.msg.span_count,
+                Instant::now()
+                    .saturating_duration_since(front.msg.received_at)
+                    .as_secs_f64(),
+            );
+            Answer::Confirmed
+        }
+        Ok(Ok(Confirmation::Ack(Some(_)))) => {
+            metrics.publish_outcome("returned");
+            warn!(routing_key = %front.msg.routing_key, exchange = %cfg.exchange, "message returned: no queue is bound for it; retrying");
+            Answer::Rejected
+        }
+        Ok(Ok(Confirmation::Nack(_))) => {
+            metrics.publish_outcome("nack");
+            warn!(message_id = %front.msg.id, "broker nacked a message; retrying");
+            Answer::Rejected
+        }
+        Ok(Ok(Confirmation::NotRequested)) => Answer::Failed(PublishError::ConfirmsNotEnabled),
+        Ok(Err(e)) => {
+            metrics.publish_outcome("failed");
+            Answer::Failed(PublishError::Publish(e))
+        }
+        Err(_) => {
+            metrics.publish_outcome("failed");
+            Answer::Failed(PublishError::ConfirmTimeout(cfg.confirm_timeout))
+        }
+    };
+    let msg = in_flight.pop_front().map(|f| f.msg);
+    match msg {
+        Some(msg) => (answer, msg),
+        None => std::future::pending().await,
     }
 }
