@@ -14,7 +14,9 @@
 //! decision, so no span can slip between the buffer and the decision cache.
 
 use crate::{config, route::Fragment, route::TraceBatch};
+// Trace IDs are random, but clients choose them: a seeded hash, and a fast one.
 use dashmap::{DashMap, mapref::entry::Entry};
+use foldhash::fast::RandomState;
 use std::{
     collections::VecDeque,
     sync::{
@@ -106,7 +108,7 @@ struct Deadline {
 
 #[derive(Debug)]
 pub struct Buffer {
-    traces: DashMap<TraceId, Buffered>,
+    traces: DashMap<TraceId, Buffered, RandomState>,
     root_due: Mutex<VecDeque<Deadline>>,
     timeout_due: Mutex<VecDeque<Deadline>>,
     bytes: AtomicUsize,
@@ -130,7 +132,7 @@ fn push(queue: &Mutex<VecDeque<Deadline>>, deadline: Deadline) {
 impl Buffer {
     pub fn new(cfg: &config::Buffer) -> Self {
         Self {
-            traces: DashMap::new(),
+            traces: DashMap::with_hasher(RandomState::default()),
             root_due: Mutex::default(),
             timeout_due: Mutex::default(),
             bytes: AtomicUsize::new(0),

@@ -12,12 +12,13 @@
 
 use crate::wire::{self, Field, WireError, len_field_size, put_len_field};
 use bytes::Bytes;
+use foldhash::HashMap;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
 use prost::Message;
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 use tailgate_sampling_rules::{SpanRef, TraceId, TraceView};
 
 /// `ExportTraceServiceRequest.resource_spans`, `ResourceSpans.scope_spans`
@@ -157,7 +158,9 @@ impl Splitter {
         let scope: ScopeHeader = Arc::new(Header::new(&header, "ScopeSpans")?);
         // Spans of this scope per batch, copied out once their sizes are known.
         let mut open: Vec<(usize, Vec<&[u8]>)> = Vec::new();
-        let mut open_index: HashMap<usize, usize> = HashMap::new();
+        let mut open_index: HashMap<usize, usize> = HashMap::default();
+        // Spans of one trace are usually next to each other.
+        let mut last: Option<(TraceId, usize)> = None;
         for field in spans {
             let ids = SpanIds::read(field.len("ScopeSpans.spans")?)?;
             let Some(trace_id) = TraceId::from_slice(ids.trace_id) else {
@@ -177,16 +180,20 @@ impl Splitter {
                 continue;
             }
             let routed = &mut self.routed;
-            let b = *self.index.entry(trace_id).or_insert_with(|| {
-                routed.batches.push(TraceBatch {
-                    trace_id,
-                    fragments: Vec::new(),
-                    span_count: 0,
-                    bytes: 0,
-                    has_root: false,
-                });
-                routed.batches.len() - 1
-            });
+            let b = match last {
+                Some((id, b)) if id == trace_id => b,
+                _ => *self.index.entry(trace_id).or_insert_with(|| {
+                    routed.batches.push(TraceBatch {
+                        trace_id,
+                        fragments: Vec::new(),
+                        span_count: 0,
+                        bytes: 0,
+                        has_root: false,
+                    });
+                    routed.batches.len() - 1
+                }),
+            };
+            last = Some((trace_id, b));
             let bytes = field.raw.len();
             let batch = &mut routed.batches[b];
             batch.has_root |= ids.parent_span_id.is_empty();

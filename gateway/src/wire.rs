@@ -9,12 +9,7 @@
 //! so a malformed request is refused with INVALID_ARGUMENT / 400 there, and
 //! the decision's decode cannot fail.
 
-use prost::{
-    bytes::Buf,
-    encoding::{
-        WireType, decode_key, decode_varint, encode_key, encode_varint, encoded_len_varint,
-    },
-};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 /// What is wrong with a request, in prost's terms where prost has them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,50 +61,87 @@ pub struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn next_field(&mut self) -> Result<Field<'a>, WireError> {
-        let start = self.rest;
-        let mut buf = self.rest;
-        let (number, wire_type) = decode_key(&mut buf).map_err(|e| WireError(e.to_string()))?;
-        let value = match wire_type {
-            WireType::Varint => Value::Varint(
-                decode_varint(&mut buf).map_err(|e| WireError(format!("field {number}: {e}")))?,
-            ),
-            WireType::SixtyFourBit => {
-                take(&mut buf, 8, number)?;
-                Value::Fixed64
-            }
-            WireType::ThirtyTwoBit => {
-                take(&mut buf, 4, number)?;
-                Value::Fixed32
-            }
-            WireType::LengthDelimited => {
-                let len = decode_varint(&mut buf)
-                    .map_err(|e| WireError(format!("field {number}: {e}")))?;
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
-                Value::Len(take(&mut buf, len, number)?)
-            }
-            WireType::StartGroup | WireType::EndGroup => {
-                return Err(WireError(format!(
-                    "field {number}: groups are not part of OTLP"
-                )));
-            }
-        };
-        let used = start.len() - buf.len();
-        self.rest = buf;
-        Ok(Field {
-            number,
-            value,
-            raw: &start[..used],
-        })
+        let buf = self.rest;
+        let mut pos = 0;
+        let (number, value) = read_field(buf, &mut pos)?;
+        let (raw, rest) = buf.split_at(pos);
+        self.rest = rest;
+        Ok(Field { number, value, raw })
     }
 }
 
-fn take<'a>(buf: &mut &'a [u8], len: usize, number: u32) -> Result<&'a [u8], WireError> {
-    if buf.remaining() < len {
-        return Err(WireError(format!("field {number}: buffer underflow")));
+/// Reads a varint at `*pos`, as prost does (at most ten bytes).
+#[inline(always)]
+fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..70).step_by(7) {
+        let byte = *buf.get(*pos)?;
+        *pos += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
     }
-    let (head, tail) = buf.split_at(len);
-    *buf = tail;
-    Ok(head)
+    None
+}
+
+/// Reads one field's key and value at `*pos`.
+#[inline(always)]
+fn read_field<'a>(buf: &'a [u8], pos: &mut usize) -> Result<(u32, Value<'a>), WireError> {
+    let key = read_varint(buf, pos).ok_or_else(|| malformed("invalid varint"))?;
+    let number = u32::try_from(key >> 3).map_err(|_| malformed("invalid key value"))?;
+    if number == 0 {
+        return Err(malformed("invalid tag value: 0"));
+    }
+    let value = match key & 7 {
+        0 => Value::Varint(read_varint(buf, pos).ok_or_else(|| underflow(number))?),
+        1 => {
+            take(buf, pos, 8, number)?;
+            Value::Fixed64
+        }
+        5 => {
+            take(buf, pos, 4, number)?;
+            Value::Fixed32
+        }
+        2 => {
+            let len = read_varint(buf, pos).ok_or_else(|| underflow(number))?;
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            Value::Len(take(buf, pos, len, number)?)
+        }
+        3 | 4 => {
+            return Err(malformed(&format!(
+                "field {number}: groups are not part of OTLP"
+            )));
+        }
+        other => return Err(malformed(&format!("invalid wire type value: {other}"))),
+    };
+    Ok((number, value))
+}
+
+#[inline(always)]
+fn take<'a>(
+    buf: &'a [u8],
+    pos: &mut usize,
+    len: usize,
+    number: u32,
+) -> Result<&'a [u8], WireError> {
+    let end = pos
+        .checked_add(len)
+        .filter(|end| *end <= buf.len())
+        .ok_or_else(|| underflow(number))?;
+    let value = &buf[*pos..end];
+    *pos = end;
+    Ok(value)
+}
+
+#[cold]
+fn malformed(what: &str) -> WireError {
+    WireError(what.to_owned())
+}
+
+#[cold]
+fn underflow(number: u32) -> WireError {
+    WireError(format!("field {number}: buffer underflow"))
 }
 
 impl<'a> Iterator for Fields<'a> {
@@ -131,6 +163,8 @@ impl<'a> Iterator for Fields<'a> {
 /// What a known field must hold.
 #[derive(Clone, Copy)]
 enum Kind {
+    /// Not a field of this message (a gap in the numbering).
+    Unknown,
     Bytes,
     Str,
     Varint,
@@ -139,84 +173,94 @@ enum Kind {
     Message(&'static Schema),
 }
 
-/// The known fields of one OTLP message type; others are skipped, as
-/// protobuf requires of unknown fields.
+/// The known fields of one OTLP message type, indexed by field number;
+/// others are skipped, as protobuf requires of unknown fields.
 pub struct Schema {
     name: &'static str,
-    fields: &'static [(u32, &'static str, Kind)],
+    fields: &'static [(&'static str, Kind)],
 }
 
 static KEY_VALUE: Schema = Schema {
     name: "KeyValue",
     fields: &[
-        (1, "key", Kind::Str),
-        (2, "value", Kind::Message(&ANY_VALUE)),
+        ("", Kind::Unknown),
+        ("key", Kind::Str),
+        ("value", Kind::Message(&ANY_VALUE)),
     ],
 };
 static ANY_VALUE: Schema = Schema {
     name: "AnyValue",
     fields: &[
-        (1, "string_value", Kind::Str),
-        (2, "bool_value", Kind::Varint),
-        (3, "int_value", Kind::Varint),
-        (4, "double_value", Kind::Fixed64),
-        (5, "array_value", Kind::Message(&ARRAY_VALUE)),
-        (6, "kvlist_value", Kind::Message(&KEY_VALUE_LIST)),
-        (7, "bytes_value", Kind::Bytes),
+        ("", Kind::Unknown),
+        ("string_value", Kind::Str),
+        ("bool_value", Kind::Varint),
+        ("int_value", Kind::Varint),
+        ("double_value", Kind::Fixed64),
+        ("array_value", Kind::Message(&ARRAY_VALUE)),
+        ("kvlist_value", Kind::Message(&KEY_VALUE_LIST)),
+        ("bytes_value", Kind::Bytes),
     ],
 };
 static ARRAY_VALUE: Schema = Schema {
     name: "ArrayValue",
-    fields: &[(1, "values", Kind::Message(&ANY_VALUE))],
+    fields: &[("", Kind::Unknown), ("values", Kind::Message(&ANY_VALUE))],
 };
 static KEY_VALUE_LIST: Schema = Schema {
     name: "KeyValueList",
-    fields: &[(1, "values", Kind::Message(&KEY_VALUE))],
+    fields: &[("", Kind::Unknown), ("values", Kind::Message(&KEY_VALUE))],
 };
 static EVENT: Schema = Schema {
     name: "Event",
     fields: &[
-        (1, "time_unix_nano", Kind::Fixed64),
-        (2, "name", Kind::Str),
-        (3, "attributes", Kind::Message(&KEY_VALUE)),
-        (4, "dropped_attributes_count", Kind::Varint),
+        ("", Kind::Unknown),
+        ("time_unix_nano", Kind::Fixed64),
+        ("name", Kind::Str),
+        ("attributes", Kind::Message(&KEY_VALUE)),
+        ("dropped_attributes_count", Kind::Varint),
     ],
 };
 static LINK: Schema = Schema {
     name: "Link",
     fields: &[
-        (1, "trace_id", Kind::Bytes),
-        (2, "span_id", Kind::Bytes),
-        (3, "trace_state", Kind::Str),
-        (4, "attributes", Kind::Message(&KEY_VALUE)),
-        (5, "dropped_attributes_count", Kind::Varint),
-        (6, "flags", Kind::Fixed32),
+        ("", Kind::Unknown),
+        ("trace_id", Kind::Bytes),
+        ("span_id", Kind::Bytes),
+        ("trace_state", Kind::Str),
+        ("attributes", Kind::Message(&KEY_VALUE)),
+        ("dropped_attributes_count", Kind::Varint),
+        ("flags", Kind::Fixed32),
     ],
 };
 static STATUS: Schema = Schema {
     name: "Status",
-    fields: &[(2, "message", Kind::Str), (3, "code", Kind::Varint)],
+    fields: &[
+        ("", Kind::Unknown),
+        ("", Kind::Unknown),
+        ("message", Kind::Str),
+        ("code", Kind::Varint),
+    ],
 };
 /// `opentelemetry.proto.trace.v1.Span`.
 pub static SPAN: Schema = Schema {
     name: "Span",
     fields: &[
-        (1, "trace_id", Kind::Bytes),
-        (2, "span_id", Kind::Bytes),
-        (3, "trace_state", Kind::Str),
-        (4, "parent_span_id", Kind::Bytes),
-        (5, "name", Kind::Str),
-        (6, "kind", Kind::Varint),
-        (7, "start_time_unix_nano", Kind::Fixed64),
-        (8, "end_time_unix_nano", Kind::Fixed64),
-        (9, "attributes", Kind::Message(&KEY_VALUE)),
-        (10, "dropped_attributes_count", Kind::Varint),
-        (11, "events", Kind::Message(&EVENT)),
-        (12, "dropped_events_count", Kind::Varint),
-        (13, "links", Kind::Message(&LINK)),
-        (14, "dropped_links_count", Kind::Varint),
-        (15, "status", Kind::Message(&STATUS)),
-        (16, "flags", Kind::Fixed32),
+        ("", Kind::Unknown),
+        ("trace_id", Kind::Bytes),
+        ("span_id", Kind::Bytes),
+        ("trace_state", Kind::Str),
+        ("parent_span_id", Kind::Bytes),
+        ("name", Kind::Str),
+        ("kind", Kind::Varint),
+        ("start_time_unix_nano", Kind::Fixed64),
+        ("end_time_unix_nano", Kind::Fixed64),
+        ("attributes", Kind::Message(&KEY_VALUE)),
+        ("dropped_attributes_count", Kind::Varint),
+        ("events", Kind::Message(&EVENT)),
+        ("dropped_events_count", Kind::Varint),
+        ("links", Kind::Message(&LINK)),
+        ("dropped_links_count", Kind::Varint),
+        ("status", Kind::Message(&STATUS)),
+        ("flags", Kind::Fixed32),
     ],
 };
 
@@ -230,11 +274,34 @@ impl Schema {
     }
 
     fn check(&'static self, field: &Field<'_>, depth: u32) -> Result<(), WireError> {
-        let Some((_, name, kind)) = self.fields.iter().find(|(n, _, _)| *n == field.number) else {
+        self.check_value(field.number, field.value, depth)
+    }
+
+    /// Checks a nested message's fields.
+    fn check_message(&'static self, bytes: &[u8], depth: u32) -> Result<(), WireError> {
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let (number, value) = read_field(bytes, &mut pos)?;
+            self.check_value(number, value, depth)?;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn check_value(
+        &'static self,
+        number: u32,
+        value: Value<'_>,
+        depth: u32,
+    ) -> Result<(), WireError> {
+        let Some((name, kind)) = usize::try_from(number)
+            .ok()
+            .and_then(|n| self.fields.get(n))
+        else {
             return Ok(());
         };
         let wrong = || WireError(format!("invalid wire type for {}.{name}", self.name));
-        match (kind, field.value) {
+        match (kind, value) {
             (Kind::Varint, Value::Varint(_))
             | (Kind::Fixed64, Value::Fixed64)
             | (Kind::Fixed32, Value::Fixed32)
@@ -245,11 +312,12 @@ impl Schema {
                     self.name
                 ))
             }),
+            (Kind::Unknown, _) => Ok(()),
             (Kind::Message(schema), Value::Len(bytes)) => {
                 if depth >= MAX_DEPTH {
                     return Err(WireError("recursion limit reached".into()));
                 }
-                fields(bytes).try_for_each(|f| schema.check(&f?, depth + 1))
+                schema.check_message(bytes, depth + 1)
             }
             _ => Err(wrong()),
         }

@@ -7,7 +7,9 @@
 //! oldest first from one FIFO, since every entry has the same lifetime.
 
 use crate::config;
+// Trace IDs are random, but clients choose them: a seeded hash, and a fast one.
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
 use std::{
     collections::VecDeque,
     sync::{
@@ -29,7 +31,7 @@ pub enum Verdict {
 
 #[derive(Debug)]
 pub struct DecisionCache {
-    map: DashMap<TraceId, (Verdict, u64)>,
+    map: DashMap<TraceId, (Verdict, u64), RandomState>,
     order: Mutex<VecDeque<(Instant, TraceId, u64)>>,
     stamp: AtomicU64,
     ttl: Duration,
@@ -39,7 +41,7 @@ pub struct DecisionCache {
 impl DecisionCache {
     pub fn new(cfg: &config::DecisionCache) -> Self {
         Self {
-            map: DashMap::new(),
+            map: DashMap::with_hasher(RandomState::default()),
             order: Mutex::default(),
             stamp: AtomicU64::new(0),
             ttl: cfg.ttl,
