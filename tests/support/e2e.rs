@@ -253,6 +253,21 @@ pub fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
 /// Waits until the gateways have decided and confirmed or dropped every
 /// span offered so far (`offered` = accepted + rejected in partial
 /// success); returns what they counted.
+/// Polls the row count until it reaches `want`, or `PATIENCE` passes; the count.
+async fn rows_at_least(ch: &ClickHouse, count: &str, want: u64) -> u64 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let rows = match ch.try_query(count).await {
+            Ok(r) => r.trim().parse().unwrap_or(0),
+            Err(e) => panic!("{count}: {e}"),
+        };
+        if rows >= want || Instant::now() >= deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn settle(nodes: &[&Tailgate], offered: u64, patience: Duration) -> Accounting {
     let deadline = Instant::now() + patience;
     loop {
@@ -360,7 +375,12 @@ async fn run_setup(plan: &Plan, n: usize, ch: &ClickHouse, batches: &[Batch]) ->
     let cpu0 = cpu(&nodes);
     let load = loadgen::run(batches.to_vec(), options(plan, &nodes, None, 0)).await;
     let offered = load.spans_accepted + load.spans_rejected;
-    settle(&nodes, offered, patience).await;
+    let kept = settle(&nodes, offered, patience).await.kept;
+    // The latency phase starts once the ingester has written the capacity
+    // phase's traces: while it catches up it competes for the same cores
+    // and the broker is busy, which is not the steady state at half load.
+    let count = format!("SELECT count() FROM {}.otel_traces", ingest.db);
+    rows_at_least(ch, &count, kept).await;
     let capacity = Phase {
         rate: load.spans_accepted as f64 / plan.duration.as_secs_f64(),
         gateway_cpu: cpu(&nodes) - cpu0,
@@ -387,18 +407,7 @@ async fn run_setup(plan: &Plan, n: usize, ch: &ClickHouse, batches: &[Batch]) ->
     let after = histogram(&nodes, metric).await;
 
     // Every kept span lands in ClickHouse exactly once.
-    let count = format!("SELECT count() FROM {}.otel_traces", ingest.db);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        accounting.rows = match ch.try_query(&count).await {
-            Ok(r) => r.trim().parse().unwrap_or(0),
-            Err(e) => panic!("{count}: {e}"),
-        };
-        if accounting.rows >= accounting.kept || Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    accounting.rows = rows_at_least(ch, &count, accounting.kept).await;
     let ingester_cpu = procfs::cpu(ingester.pid()).expect("ingester CPU") - ingester_cpu0;
 
     for g in gateways {
@@ -561,6 +570,9 @@ impl fmt::Display for Report {
             )?;
         }
         let m = &self.memory;
+        if m.spans == 0 {
+            return writeln!(f, "\nmemory: not measured (--memory-spans 0)");
+        }
         writeln!(
             f,
             "\nmemory: {} spans buffered ({} encoded bytes), RSS {} → {} bytes: {:.0} bytes per buffered span, {:.2} × the encoded OTLP bytes",
