@@ -250,27 +250,34 @@ fn partition(message: &[u8], inner: u32) -> Result<(Vec<Field<'_>>, Vec<Field<'_
 /// is decoded: this is how spans travel to their owner.
 pub fn encode<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> Vec<u8> {
     let tree = group(fragments);
-    let scope_len = |frags: &[&Fragment]| {
-        frags[0].scope.encoded.len() + frags.iter().map(|f| f.spans.len()).sum::<usize>()
-    };
-    let resource_len =
-        |(resource, scopes): &(&ResourceHeader, Vec<(&ScopeHeader, Vec<&Fragment>)>)| {
-            resource.encoded.len()
+    // Encoded length of each resource's body, and of each of its scopes' bodies.
+    let lengths: Vec<(usize, Vec<usize>)> = tree
+        .iter()
+        .map(|(resource, scopes)| {
+            let scopes: Vec<usize> = scopes
+                .iter()
+                .map(|(scope, frags)| {
+                    scope.encoded.len() + frags.iter().map(|f| f.spans.len()).sum::<usize>()
+                })
+                .collect();
+            let body = resource.encoded.len()
                 + scopes
                     .iter()
-                    .map(|(_, frags)| len_field_size(SCOPE_SPANS, scope_len(frags)))
-                    .sum::<usize>()
-        };
-    let total = tree
+                    .map(|len| len_field_size(SCOPE_SPANS, *len))
+                    .sum::<usize>();
+            (body, scopes)
+        })
+        .collect();
+    let total = lengths
         .iter()
-        .map(|r| len_field_size(RESOURCE_SPANS, resource_len(r)))
+        .map(|(len, _)| len_field_size(RESOURCE_SPANS, *len))
         .sum();
     let mut out = Vec::with_capacity(total);
-    for r in &tree {
-        put_len_field(&mut out, RESOURCE_SPANS, resource_len(r));
-        out.extend_from_slice(&r.0.encoded);
-        for (scope, frags) in &r.1 {
-            put_len_field(&mut out, SCOPE_SPANS, scope_len(frags));
+    for ((resource, scopes), (resource_len, scope_lens)) in tree.iter().zip(&lengths) {
+        put_len_field(&mut out, RESOURCE_SPANS, *resource_len);
+        out.extend_from_slice(&resource.encoded);
+        for ((scope, frags), scope_len) in scopes.iter().zip(scope_lens) {
+            put_len_field(&mut out, SCOPE_SPANS, *scope_len);
             out.extend_from_slice(&scope.encoded);
             for f in frags {
                 out.extend_from_slice(&f.spans);

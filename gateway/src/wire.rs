@@ -270,11 +270,7 @@ const MAX_DEPTH: u32 = 100;
 impl Schema {
     /// Checks one field of this message, and what it holds, recursively.
     pub fn check_field(&'static self, field: &Field<'_>) -> Result<(), WireError> {
-        self.check(field, 0)
-    }
-
-    fn check(&'static self, field: &Field<'_>, depth: u32) -> Result<(), WireError> {
-        self.check_value(field.number, field.value, depth)
+        self.check_value(field.number, field.value, 0)
     }
 
     /// Checks a nested message's fields.
