@@ -8,7 +8,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{hint::black_box, time::Instant};
 use tailgate_benches::request;
-use tailgate_gateway::route::{DecodedTrace, decode, split};
+use tailgate_gateway::route::{DecodedTrace, Detail, decode, split};
 use tailgate_sampling_rules::Rules;
 
 /// Twenty rules of the kinds an SRE writes; most traces fall through to the
@@ -46,7 +46,7 @@ fn traces() -> Vec<DecodedTrace> {
         .into_iter()
         .map(|b| DecodedTrace {
             trace_id: b.trace_id,
-            fragments: decode(b.fragments).0,
+            fragments: decode(&b.fragments, Detail::Full).0,
         })
         .collect()
 }

@@ -108,6 +108,7 @@ pub struct Metrics {
     pub broker_connected: Gauge,
     decision_latency: Histogram,
     publish_latency: Histogram,
+    confirm_latency: Histogram,
 }
 
 /// Latency buckets from 5 ms to about 82 s, plus fine ones just past the
@@ -173,6 +174,10 @@ impl Metrics {
             broker_connected: Gauge::default(),
             decision_latency: Histogram::new(buckets.iter().copied()),
             publish_latency: Histogram::new(buckets),
+            // 1 ms to about 65 s: a broker's confirm takes its disk sync.
+            confirm_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
+            ),
         };
         let r = &mut m.registry;
         r.register(
@@ -325,6 +330,11 @@ impl Metrics {
             "From the root span's arrival (the first span's, if no root came) to the broker's confirm of the kept trace",
             m.publish_latency.clone(),
         );
+        r.register(
+            "tailgate_broker_confirm_latency_seconds",
+            "From publishing a kept trace to the broker's confirm of it",
+            m.confirm_latency.clone(),
+        );
         m
     }
 
@@ -375,10 +385,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn confirmed(&self, spans: usize, latency_secs: f64) {
+    /// A kept trace confirmed: `latency_secs` since its root arrived,
+    /// `confirm_secs` since it was published.
+    pub fn confirmed(&self, spans: usize, latency_secs: f64, confirm_secs: f64) {
         self.publish_outcome("ack");
         self.published_spans.inc_by(spans as u64);
         self.publish_latency.observe(latency_secs);
+        self.confirm_latency.observe(confirm_secs);
     }
 
     pub fn rules_reloaded(&self, ok: bool) {

@@ -323,22 +323,90 @@ pub struct Decoded {
     pub spans: Vec<Span>,
 }
 
-/// Decodes fragments' spans. They were checked when they arrived, so this
-/// does not fail; a fragment that did would be left out and counted in the
-/// second value.
-pub fn decode(fragments: Vec<Fragment>) -> (Vec<Decoded>, usize) {
+/// How much of each span to decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// Everything: for publishing, and for rules that read attributes.
+    Full,
+    /// All but attributes, events and links, which are most of a span's
+    /// bytes and allocations: enough for rules that do not read them.
+    Summary,
+}
+
+/// A span without its attributes, events and links. The tags are those of
+/// `Span`; prost skips the fields left out without allocating for them.
+#[derive(Clone, PartialEq, Message)]
+struct SpanSummary {
+    #[prost(bytes = "vec", tag = "1")]
+    trace_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    span_id: Vec<u8>,
+    #[prost(string, tag = "3")]
+    trace_state: String,
+    #[prost(bytes = "vec", tag = "4")]
+    parent_span_id: Vec<u8>,
+    #[prost(fixed32, tag = "16")]
+    flags: u32,
+    #[prost(string, tag = "5")]
+    name: String,
+    #[prost(int32, tag = "6")]
+    kind: i32,
+    #[prost(fixed64, tag = "7")]
+    start_time_unix_nano: u64,
+    #[prost(fixed64, tag = "8")]
+    end_time_unix_nano: u64,
+    #[prost(message, optional, tag = "15")]
+    status: Option<opentelemetry_proto::tonic::trace::v1::Status>,
+}
+
+/// `ScopeSpans` with summarised spans: a fragment's bytes decode as this.
+#[derive(Clone, PartialEq, Message)]
+struct ScopeSpansSummary {
+    #[prost(message, repeated, tag = "2")]
+    spans: Vec<SpanSummary>,
+}
+
+impl From<SpanSummary> for Span {
+    fn from(s: SpanSummary) -> Self {
+        Span {
+            trace_id: s.trace_id,
+            span_id: s.span_id,
+            trace_state: s.trace_state,
+            parent_span_id: s.parent_span_id,
+            flags: s.flags,
+            name: s.name,
+            kind: s.kind,
+            start_time_unix_nano: s.start_time_unix_nano,
+            end_time_unix_nano: s.end_time_unix_nano,
+            status: s.status,
+            ..Span::default()
+        }
+    }
+}
+
+/// Decodes fragments' spans to `detail`. They were checked when they
+/// arrived, so this does not fail; a fragment that did would be left out
+/// and counted in the second value.
+pub fn decode(fragments: &[Fragment], detail: Detail) -> (Vec<Decoded>, usize) {
     let mut undecodable = 0;
     let decoded = fragments
-        .into_iter()
-        .filter_map(|f| match ScopeSpans::decode(&*f.spans) {
-            Ok(body) => Some(Decoded {
-                resource: f.resource,
-                scope: f.scope,
-                spans: body.spans,
-            }),
-            Err(_) => {
-                undecodable += f.span_count;
-                None
+        .iter()
+        .filter_map(|f| {
+            let spans = match detail {
+                Detail::Full => ScopeSpans::decode(&*f.spans).map(|body| body.spans),
+                Detail::Summary => ScopeSpansSummary::decode(&*f.spans)
+                    .map(|body| body.spans.into_iter().map(Span::from).collect()),
+            };
+            match spans {
+                Ok(spans) => Some(Decoded {
+                    resource: Arc::clone(&f.resource),
+                    scope: Arc::clone(&f.scope),
+                    spans,
+                }),
+                Err(_) => {
+                    undecodable += f.span_count;
+                    None
+                }
             }
         })
         .collect();
@@ -481,9 +549,51 @@ pub(crate) mod tests {
         assert_eq!(one.fragments.len(), 2);
         assert!(!routed.batches[1].has_root);
         let mut routed = routed;
-        let back = into_request(decode(routed.batches.swap_remove(0).fragments).0);
+        let back = into_request(decode(&routed.batches.swap_remove(0).fragments, Detail::Full).0);
         assert_eq!(back.resource_spans.len(), 2);
         assert_eq!(back.resource_spans[1].resource, Some(resource("crm-api")));
+    }
+
+    /// A summary decode yields every span field a full decode does except
+    /// attributes, events and links, so rules that read none of those see
+    /// the same span either way.
+    #[test]
+    fn summary_is_the_span_without_attributes_events_and_links() {
+        use opentelemetry_proto::tonic::trace::v1::{Status, span};
+        let mut full = span(1, 2, Some(1));
+        full.trace_state = "ot=rv:0123456789abcd".into();
+        full.flags = 0x301;
+        full.kind = 2;
+        full.start_time_unix_nano = 1_000;
+        full.end_time_unix_nano = 5_000;
+        full.status = Some(Status {
+            message: "timeout".into(),
+            code: 2,
+        });
+        full.attributes = resource("x").attributes;
+        full.dropped_attributes_count = 3;
+        full.events = vec![span::Event {
+            name: "exception".into(),
+            ..Default::default()
+        }];
+        full.links = vec![span::Link {
+            trace_id: vec![7; 16],
+            span_id: vec![7; 8],
+            ..Default::default()
+        }];
+        let routed = split_request(&request(vec![("svc", vec![full.clone()])]));
+        let fragments = &routed.batches[0].fragments;
+        let (decoded, failed) = decode(fragments, Detail::Summary);
+        assert_eq!(failed, 0);
+        let expected = Span {
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Vec::new(),
+            links: Vec::new(),
+            ..full.clone()
+        };
+        assert_eq!(decoded[0].spans, vec![expected]);
+        assert_eq!(decode(fragments, Detail::Full).0[0].spans, vec![full]);
     }
 
     /// Spans without a valid trace or span ID are rejected with a message; the rest pass.
@@ -510,7 +620,7 @@ pub(crate) mod tests {
             "a",
             vec![span(1, 1, None), span(1, 2, Some(1))],
         )]));
-        let back = into_request(decode(routed.batches.remove(0).fragments).0);
+        let back = into_request(decode(&routed.batches.remove(0).fragments, Detail::Full).0);
         assert_eq!(back.resource_spans.len(), 1);
         assert_eq!(back.resource_spans[0].scope_spans[0].spans.len(), 2);
     }

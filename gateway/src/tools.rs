@@ -132,7 +132,7 @@ fn group(requests: Vec<ExportTraceServiceRequest>) -> Result<Vec<DecodedTrace>, 
     for request in requests {
         let routed = route::split(&request.encode_to_vec()).map_err(|e| e.to_string())?;
         for batch in routed.batches {
-            let (fragments, _) = route::decode(batch.fragments);
+            let (fragments, _) = route::decode(&batch.fragments, route::Detail::Full);
             match traces.iter_mut().find(|t| t.trace_id == batch.trace_id) {
                 Some(t) => t.fragments.extend(fragments),
                 None => traces.push(DecodedTrace {

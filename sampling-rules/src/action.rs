@@ -37,6 +37,15 @@ pub enum Action {
 }
 
 impl Action {
+    /// The span fields the action reads: the key of a per-key sampler.
+    pub fn span_fields(&self) -> &[SpanField] {
+        match self {
+            Action::RateLimit(limit) => &limit.key,
+            Action::Throughput(t) => &t.key,
+            Action::Keep | Action::Drop | Action::Sample(_) => &[],
+        }
+    }
+
     /// True for actions that decide every trace the same way whatever the
     /// traffic (used to spot rules shadowed by a catch-all).
     pub fn decide(

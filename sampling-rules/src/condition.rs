@@ -199,6 +199,19 @@ impl<'a> Facts<'a> {
 }
 
 impl Condition {
+    /// Calls `f` with every span field the condition tests.
+    pub fn span_fields<'a>(&'a self, f: &mut impl FnMut(&'a SpanField)) {
+        match self {
+            Condition::All(cs) | Condition::Any(cs) => cs.iter().for_each(|c| c.span_fields(f)),
+            Condition::Not(c) => c.span_fields(f),
+            Condition::Trace(..) => {}
+            Condition::Root(field, _) => f(field),
+            Condition::AnySpan(tests) | Condition::EverySpan(tests) => {
+                tests.iter().for_each(|(field, _)| f(field));
+            }
+        }
+    }
+
     pub fn eval(&self, facts: &Facts<'_>) -> bool {
         match self {
             Condition::All(cs) => cs.iter().all(|c| c.eval(facts)),

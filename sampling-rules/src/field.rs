@@ -110,6 +110,12 @@ impl SpanField {
         })
     }
 
+    /// Whether the field is read from the span's attributes or events,
+    /// which are most of a span's bytes; the other span fields are small.
+    pub fn reads_attributes_or_events(&self) -> bool {
+        matches!(self, SpanField::Attribute(_) | SpanField::EventName)
+    }
+
     pub fn field_type(&self) -> FieldType {
         match self {
             SpanField::ServiceName

@@ -27,6 +27,21 @@ pub struct Rule {
     pub pos: Pos,
 }
 
+impl Rule {
+    fn reads_span_attributes(&self) -> bool {
+        let mut reads = false;
+        if let Some(when) = &self.when {
+            when.span_fields(&mut |f| reads |= f.reads_attributes_or_events());
+        }
+        reads
+            || self
+                .action
+                .span_fields()
+                .iter()
+                .any(SpanField::reads_attributes_or_events)
+    }
+}
+
 #[derive(Debug)]
 pub struct Rules {
     select_by: Option<SpanField>,
@@ -35,6 +50,7 @@ pub struct Rules {
     redaction: Redaction,
     digest: [u8; 32],
     no_match: RuleName,
+    reads_span_attributes: bool,
 }
 
 /// The rule name of traces no rule matched (they are dropped).
@@ -48,6 +64,10 @@ impl Rules {
         redaction: Redaction,
         text: &str,
     ) -> Self {
+        let reads_span_attributes = default
+            .iter()
+            .chain(sets.iter().flat_map(|(_, rules)| rules))
+            .any(Rule::reads_span_attributes);
         Self {
             select_by: select_by.map(SpanField::ResourceAttribute),
             sets,
@@ -55,6 +75,7 @@ impl Rules {
             redaction,
             digest: Sha256::digest(text.as_bytes()).into(),
             no_match: RuleName::new(NO_MATCH),
+            reads_span_attributes,
         }
     }
 
@@ -162,6 +183,14 @@ impl Rules {
                 .map(|(_, rules)| rules.as_slice())
         });
         chosen.unwrap_or(&self.default)
+    }
+
+    /// Whether any rule reads span attributes or event names. When none
+    /// does, a trace can be decided without decoding them: they are most of
+    /// a span's bytes, and most traces are dropped. (The rule-set selector
+    /// reads a resource attribute, which is not a span's.)
+    pub fn reads_span_attributes(&self) -> bool {
+        self.reads_span_attributes
     }
 
     pub fn redaction(&self) -> &Redaction {

@@ -722,3 +722,31 @@ proptest! {
         prop_assert!((kept as f64 - mean).abs() <= 5.0 * sd + 1.0, "rate {} kept {} expected {}", rate, kept, mean);
     }
 }
+
+/// The gateway skips decoding span attributes and events when no rule reads
+/// them; every place a rule can name a span field is seen: conditions at
+/// any depth, root conditions, per-key samplers' keys, and rule sets.
+#[test]
+fn reads_span_attributes_finds_every_place_a_field_is_named() {
+    let default = Rules::default_policy(
+        std::time::Duration::from_secs(5),
+        crate::Probability::new(0.1).unwrap(),
+    );
+    assert!(!default.reads_span_attributes());
+    assert!(!when("span.name: checkout\nspan.duration: { '>=': 1s }").reads_span_attributes());
+    assert!(!when("root.status.message: { contains: timeout }").reads_span_attributes());
+    assert!(when("not:\n  any:\n    - attributes.order.status: NEW").reads_span_attributes());
+    assert!(when("root.event.name: exception").reads_span_attributes());
+    assert!(rules(
+        "rules:\n  - name: even\n    action: { throughput: { target_per_sec: 5, key: [attributes.order.status] } }\n"
+    )
+    .reads_span_attributes());
+    assert!(!rules(
+        "rules:\n  - name: even\n    action: { throughput: { target_per_sec: 5, key: [span.name] } }\n"
+    )
+    .reads_span_attributes());
+    assert!(rules(
+        "select_set_by: deployment.environment\nsets:\n  production:\n    - name: prod\n      when:\n        attributes.order.status: NEW\n      action: keep\n  default:\n    - name: other\n      action: drop\n"
+    )
+    .reads_span_attributes());
+}

@@ -34,6 +34,10 @@ pub struct Plan {
     pub gateways: Vec<usize>,
     /// Length of each load phase.
     pub duration: Duration,
+    /// Full-rate load before the capacity phase's measurement window, so
+    /// the buffer holds `decision_wait` of spans and traces are decided as
+    /// fast as they arrive: the window sees the steady state.
+    pub warm_up: Duration,
     pub connections: usize,
     pub protocol: Protocol,
     pub workload: Workload,
@@ -52,6 +56,7 @@ impl Plan {
         Self {
             gateways: vec![1, 3],
             duration: Duration::from_secs(20),
+            warm_up: Duration::from_secs(5),
             connections: 8,
             protocol: Protocol::Grpc,
             workload: Workload::default(),
@@ -66,6 +71,7 @@ impl Plan {
     pub fn smoke() -> Self {
         Self {
             duration: Duration::from_millis(1500),
+            warm_up: Duration::from_millis(500),
             connections: 4,
             batches: 10,
             decision_wait: Duration::from_millis(300),
@@ -87,11 +93,16 @@ impl Plan {
 /// One load phase.
 #[derive(Debug, Clone)]
 pub struct Phase {
+    /// The load generator's account of the whole phase.
     pub load: Stats,
-    /// Accepted spans per second of the phase.
+    /// Spans the gateways received from clients in the measurement window.
+    pub spans: u64,
+    /// Received spans per second of the window.
     pub rate: f64,
-    /// CPU time of all gateway processes, from the phase's start until its
-    /// last span was decided and confirmed.
+    /// CPU time of all gateway processes in the window: receiving its
+    /// spans, and deciding those that fell due in it. For the capacity
+    /// phase the window follows the warm-up, so the two match; for the
+    /// half-load phase it runs until its last span was decided and confirmed.
     pub gateway_cpu: Duration,
 }
 
@@ -126,13 +137,18 @@ pub struct SetupReport {
     /// Root span received → publish confirmed, at half load (seconds).
     pub latency_p50: f64,
     pub latency_p99: f64,
+    /// Root span received → decision, at half load (seconds): the gateway's
+    /// share of `latency_p99`; the rest is the outbox and the broker's confirm.
+    pub decision_p99: f64,
+    /// Publish → broker confirm, at half load (seconds).
+    pub confirm_p99: f64,
     pub accounting: Accounting,
     pub ingester_cpu: Duration,
 }
 
 impl SetupReport {
     pub fn spans_per_cpu_second(&self) -> f64 {
-        self.capacity.load.spans_accepted as f64 / self.capacity.gateway_cpu.as_secs_f64()
+        self.capacity.spans as f64 / self.capacity.gateway_cpu.as_secs_f64()
     }
 
     pub fn ingester_rows_per_cpu_second(&self) -> f64 {
@@ -190,6 +206,16 @@ fn cpu(nodes: &[&Tailgate]) -> Duration {
         .iter()
         .map(|n| procfs::cpu(n.pid()).expect("gateway CPU time from /proc"))
         .sum()
+}
+
+/// Gateway CPU time and spans received from clients, summed over nodes, now.
+async fn sample(nodes: &[&Tailgate]) -> (Duration, u64) {
+    let cpu = cpu(nodes);
+    let mut received = 0.0;
+    for n in nodes {
+        received += sum_metric(&n.metrics().await, "tailgate_received_spans_total", &[]);
+    }
+    (cpu, received as u64)
 }
 
 /// Cumulative histogram buckets `(le, count)` of `name`, summed over nodes.
@@ -371,9 +397,22 @@ async fn run_setup(plan: &Plan, n: usize, ch: &ClickHouse, batches: &[Batch]) ->
     }
     let patience = PATIENCE + plan.late_delay();
 
-    // Capacity: as fast as the gateways accept.
-    let cpu0 = cpu(&nodes);
-    let load = loadgen::run(batches.to_vec(), options(plan, &nodes, None, 0)).await;
+    // Capacity: as fast as the gateways accept, measured over a window
+    // after the warm-up (one run, so the load does not pause in between).
+    let run = loadgen::run(
+        batches.to_vec(),
+        Options {
+            duration: plan.warm_up + plan.duration,
+            ..options(plan, &nodes, None, 0)
+        },
+    );
+    let window = async {
+        tokio::time::sleep(plan.warm_up).await;
+        let start = sample(&nodes).await;
+        tokio::time::sleep(plan.duration).await;
+        (start, sample(&nodes).await)
+    };
+    let (load, ((cpu0, received0), (cpu1, received1))) = tokio::join!(run, window);
     let offered = load.spans_accepted + load.spans_rejected;
     let kept = settle(&nodes, offered, patience).await.kept;
     // The latency phase starts once the ingester has written the capacity
@@ -382,14 +421,21 @@ async fn run_setup(plan: &Plan, n: usize, ch: &ClickHouse, batches: &[Batch]) ->
     let count = format!("SELECT count() FROM {}.otel_traces", ingest.db);
     rows_at_least(ch, &count, kept).await;
     let capacity = Phase {
-        rate: load.spans_accepted as f64 / plan.duration.as_secs_f64(),
-        gateway_cpu: cpu(&nodes) - cpu0,
+        spans: received1 - received0,
+        rate: (received1 - received0) as f64 / plan.duration.as_secs_f64(),
+        gateway_cpu: cpu1 - cpu0,
         load,
     };
 
     // Latency at half the measured capacity.
-    let metric = "tailgate_publish_latency_seconds";
-    let before = histogram(&nodes, metric).await;
+    let (publish, decision) = (
+        "tailgate_publish_latency_seconds",
+        "tailgate_decision_latency_seconds",
+    );
+    let before = histogram(&nodes, publish).await;
+    let decision_before = histogram(&nodes, decision).await;
+    let confirm = "tailgate_broker_confirm_latency_seconds";
+    let confirm_before = histogram(&nodes, confirm).await;
     let cpu0 = cpu(&nodes);
     let load = loadgen::run(
         batches.to_vec(),
@@ -400,11 +446,14 @@ async fn run_setup(plan: &Plan, n: usize, ch: &ClickHouse, batches: &[Batch]) ->
     let offered = offered + load.spans_accepted + load.spans_rejected;
     let mut accounting = settle(&nodes, offered, patience).await;
     let half_load = Phase {
+        spans: load.spans_accepted,
         rate: load.spans_accepted as f64 / plan.duration.as_secs_f64(),
         gateway_cpu: cpu(&nodes) - cpu0,
         load,
     };
-    let after = histogram(&nodes, metric).await;
+    let after = histogram(&nodes, publish).await;
+    let decision_after = histogram(&nodes, decision).await;
+    let confirm_after = histogram(&nodes, confirm).await;
 
     // Every kept span lands in ClickHouse exactly once.
     accounting.rows = rows_at_least(ch, &count, accounting.kept).await;
@@ -422,6 +471,8 @@ async fn run_setup(plan: &Plan, n: usize, ch: &ClickHouse, batches: &[Batch]) ->
         half_load,
         latency_p50: quantile(&before, &after, 0.5),
         latency_p99: quantile(&before, &after, 0.99),
+        decision_p99: quantile(&decision_before, &decision_after, 0.99),
+        confirm_p99: quantile(&confirm_before, &confirm_after, 0.99),
         accounting,
         ingester_cpu,
     }
@@ -514,10 +565,11 @@ impl fmt::Display for Report {
         writeln!(f, "machine: {}", self.machine)?;
         writeln!(
             f,
-            "load: {:?} through {} connections, {} s per phase, {} spans per trace, {:.0} B per span, decision_wait {} s",
+            "load: {:?} through {} connections, {} s per phase (capacity after a {} s warm-up), {} spans per trace, {:.0} B per span, decision_wait {} s",
             p.protocol,
             p.connections,
             p.duration.as_secs_f64(),
+            p.warm_up.as_secs_f64(),
             p.workload.spans_per_trace,
             self.bytes_per_span,
             p.decision_wait.as_secs_f64()
@@ -529,14 +581,14 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "| gateways | accepted spans/s | pushback | gateway CPU-s | spans per gateway CPU-s | × raw decode | p50 / p99 latency at 50% | kept share | lost | ClickHouse rows | ingester rows per CPU-s |"
+            "| gateways | accepted spans/s | pushback | gateway CPU-s | spans per gateway CPU-s | × raw decode | p50 / p99 latency at 50% | p99 to decision / broker confirm | kept share | lost | ClickHouse rows | ingester rows per CPU-s |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for s in &self.setups {
             let a = &s.accounting;
             writeln!(
                 f,
-                "| {} | {} | {} | {:.2} | {} | {:.2} | {:.3} s / {:.3} s | {:.1}% | {} | {} of {} | {} |",
+                "| {} | {} | {} | {:.2} | {} | {:.2} | {:.3} s / {:.3} s | {:.3} s / {:.3} s | {:.1}% | {} | {} of {} | {} |",
                 s.gateways,
                 si(s.capacity.rate),
                 s.capacity.load.pushback() + s.half_load.load.pushback(),
@@ -545,6 +597,8 @@ impl fmt::Display for Report {
                 s.spans_per_cpu_second() / self.prost_decode,
                 s.latency_p50,
                 s.latency_p99,
+                s.decision_p99,
+                s.confirm_p99,
                 100.0 * s.kept_share(),
                 a.lost,
                 a.rows,

@@ -77,13 +77,13 @@ impl Cluster {
 /// A remembered decision, as handed to a trace's new owner.
 pub fn handed(trace_id: &TraceId, verdict: &Verdict) -> HandedDecision {
     match verdict {
-        Verdict::Keep { kept, root_service } => HandedDecision {
+        Verdict::Keep(k) => HandedDecision {
             trace_id: trace_id.0.to_vec(),
             keep: true,
-            rule: kept.rule.to_string(),
-            th: kept.threshold.map(|t| t.to_th()),
-            adjusted_count: kept.adjusted_count,
-            root_service: root_service.to_string(),
+            rule: k.kept.rule.to_string(),
+            th: k.kept.threshold.map(|t| t.to_th()),
+            adjusted_count: k.kept.adjusted_count,
+            root_service: k.root_service.to_string(),
         },
         Verdict::Drop => HandedDecision {
             trace_id: trace_id.0.to_vec(),
@@ -97,14 +97,14 @@ pub fn handed(trace_id: &TraceId, verdict: &Verdict) -> HandedDecision {
 pub fn verdict(d: &HandedDecision) -> Option<(TraceId, Verdict)> {
     let id = TraceId::from_slice(&d.trace_id)?;
     let verdict = if d.keep {
-        Verdict::Keep {
-            kept: Kept {
+        Verdict::keep(
+            Kept {
                 rule: RuleName::new(&d.rule),
                 threshold: d.th.as_deref().and_then(Threshold::from_th),
                 adjusted_count: d.adjusted_count,
             },
-            root_service: d.root_service.as_str().into(),
-        }
+            d.root_service.as_str().into(),
+        )
     } else {
         Verdict::Drop
     };

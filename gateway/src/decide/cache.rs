@@ -22,11 +22,24 @@ use tailgate_sampling_rules::{Kept, TraceId};
 use tokio::time::Instant;
 
 /// A remembered decision. Kept traces carry what their late spans need to be
-/// published the same way; dropped ones only their ID.
+/// published the same way; dropped ones only their ID. One pointer wide, so
+/// a cache entry is 32 bytes: the cache holds up to a million of them.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
-    Keep { kept: Kept, root_service: Arc<str> },
+    Keep(Arc<KeptTrace>),
     Drop,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct KeptTrace {
+    pub kept: Kept,
+    pub root_service: Arc<str>,
+}
+
+impl Verdict {
+    pub fn keep(kept: Kept, root_service: Arc<str>) -> Self {
+        Verdict::Keep(Arc::new(KeptTrace { kept, root_service }))
+    }
 }
 
 #[derive(Debug)]
@@ -40,12 +53,16 @@ pub struct DecisionCache {
 
 impl DecisionCache {
     pub fn new(cfg: &config::DecisionCache) -> Self {
+        let max_entries = cfg.max_entries.get();
+        // Sized for the limit up front: growing a table of a million entries
+        // by doubling copies it again and again while traffic is heaviest.
+        // Pages are only resident once entries are written to them.
         Self {
-            map: DashMap::with_hasher(RandomState::default()),
-            order: Mutex::default(),
+            map: DashMap::with_capacity_and_hasher(max_entries, RandomState::default()),
+            order: Mutex::new(VecDeque::with_capacity(max_entries)),
             stamp: AtomicU64::new(0),
             ttl: cfg.ttl,
-            max_entries: cfg.max_entries.get(),
+            max_entries,
         }
     }
 
@@ -125,6 +142,13 @@ mod tests {
             ttl: Duration::from_secs(300),
             max_entries: NonZeroUsize::new(max).unwrap(),
         })
+    }
+
+    /// A cache entry (trace ID, verdict, stamp) stays 32 bytes: at the
+    /// default limit of a million entries, each byte more is a megabyte.
+    #[test]
+    fn entries_stay_small() {
+        assert_eq!(size_of::<(TraceId, (Verdict, u64))>(), 32);
     }
 
     /// Decisions are forgotten after the TTL, and not before.

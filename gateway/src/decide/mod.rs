@@ -12,7 +12,7 @@ use crate::{
     buffer::{TakenTrace, Trigger},
     metrics::{DropReason, Metrics},
     publish::{OutMessage, Outbox},
-    route::{Decoded, DecodedTrace, Fragment, TraceBatch, decode, into_request},
+    route::{Decoded, DecodedTrace, Detail, TraceBatch, decode, into_request},
 };
 use arc_swap::ArcSwap;
 use cache::{DecisionCache, Verdict};
@@ -66,11 +66,21 @@ impl Decider {
     /// Decides a trace taken from the buffer, remembers the decision, and
     /// queues the trace for publishing if kept.
     pub fn decide(&self, trace: TakenTrace, trigger: Trigger, now: Instant) -> Verdict {
+        let rules = self.rules.load();
+        // Most traces are dropped: decode only what the rules read, and the
+        // rest of a kept trace's spans once it is kept.
+        let detail = if rules.reads_span_attributes() {
+            Detail::Full
+        } else {
+            Detail::Summary
+        };
+        let (fragments, undecodable) = decode(&trace.fragments, detail);
+        self.count_undecodable(undecodable);
         let view = DecodedTrace {
             trace_id: trace.trace_id,
-            fragments: self.decode(trace.fragments),
+            fragments,
         };
-        let decision = self.rules.load().decide(&view, now.into_std());
+        let decision = rules.decide(&view, now.into_std());
         let latency = now.saturating_duration_since(trace.received_at);
         self.metrics.decided(
             decision.is_keep(),
@@ -81,14 +91,24 @@ impl Decider {
         let verdict = match decision {
             Decision::Keep(kept) => {
                 let root_service: Arc<str> = root_service(&view).unwrap_or("unknown").into();
+                let fragments = match detail {
+                    Detail::Full => view.fragments,
+                    Detail::Summary => {
+                        // A full decode fails wherever a summary does (and
+                        // never should): count only spans not counted yet.
+                        let (full, failed) = decode(&trace.fragments, Detail::Full);
+                        self.count_undecodable(failed.saturating_sub(undecodable));
+                        full
+                    }
+                };
                 self.publish(
                     trace.trace_id,
                     &kept,
                     &root_service,
-                    view.fragments,
+                    fragments,
                     trace.received_at,
                 );
-                Verdict::Keep { kept, root_service }
+                Verdict::keep(kept, root_service)
             }
             Decision::Drop { .. } => {
                 self.metrics.dropped(DropReason::Policy, trace.span_count);
@@ -102,10 +122,11 @@ impl Decider {
     /// Spans that arrived after their trace was decided follow that decision.
     pub fn late(&self, batch: TraceBatch, verdict: &Verdict, now: Instant) {
         match verdict {
-            Verdict::Keep { kept, root_service } => {
+            Verdict::Keep(k) => {
                 self.metrics.late(true, batch.span_count);
-                let fragments = self.decode(batch.fragments);
-                self.publish(batch.trace_id, kept, root_service, fragments, now);
+                let (fragments, undecodable) = decode(&batch.fragments, Detail::Full);
+                self.count_undecodable(undecodable);
+                self.publish(batch.trace_id, &k.kept, &k.root_service, fragments, now);
             }
             Verdict::Drop => {
                 self.metrics.late(false, batch.span_count);
@@ -115,14 +136,12 @@ impl Decider {
         }
     }
 
-    /// Decodes buffered spans. They were checked on arrival, so none should
-    /// fail; any that did would be counted, never silently lost.
-    fn decode(&self, fragments: Vec<Fragment>) -> Vec<Decoded> {
-        let (decoded, undecodable) = decode(fragments);
-        if undecodable > 0 {
-            self.metrics.dropped(DropReason::InvalidSpan, undecodable);
+    /// Buffered spans were checked on arrival, so none should fail to
+    /// decode; any that did are counted, never silently lost.
+    fn count_undecodable(&self, spans: usize) {
+        if spans > 0 {
+            self.metrics.dropped(DropReason::InvalidSpan, spans);
         }
-        decoded
     }
 
     fn publish(
@@ -198,7 +217,7 @@ mod tests {
             "svc",
             vec![span(1, 1, None), span(1, 2, Some(1))],
         )]));
-        let mut fragments = decode(routed.batches.remove(0).fragments).0;
+        let mut fragments = decode(&routed.batches.remove(0).fragments, Detail::Full).0;
         fragments[0].spans[1].trace_state = "vendor=1".into();
         let kept = Kept::at(RuleName::new("random"), Threshold::from_th("8").unwrap());
         assert_eq!(annotate(&mut fragments, &kept), 2);

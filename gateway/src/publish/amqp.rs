@@ -8,6 +8,7 @@
 
 use super::{OutMessage, Outbox};
 use crate::{config, metrics::Metrics};
+use futures_util::future::join_all;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
     PublisherConfirm,
@@ -132,6 +133,7 @@ fn properties(msg: &OutMessage) -> BasicProperties {
 struct InFlight {
     msg: OutMessage,
     confirm: PublisherConfirm,
+    published_at: Instant,
     deadline: Instant,
 }
 
@@ -213,7 +215,11 @@ async fn pump(
     }
 }
 
-/// Publishes a batch; stops at the first failure, returning what was not sent.
+/// Publishes a batch. Every message is handed to the connection before any
+/// is waited for: lapin's publish resolves once its I/O thread has written
+/// the frames, and waiting for that one message at a time costs a thread
+/// hand-off each, which under load held kept traces in the outbox. On
+/// failure, returns the error and the messages that were not sent.
 async fn publish(
     cfg: &config::Rabbitmq,
     channel: &Channel,
@@ -221,34 +227,41 @@ async fn publish(
     in_flight: &mut VecDeque<InFlight>,
     metrics: &Metrics,
 ) -> Result<(), (PublishError, Vec<OutMessage>)> {
-    let mut batch = batch.into_iter();
-    while let Some(msg) = batch.next() {
-        let published = channel
-            .basic_publish(
-                cfg.exchange.as_str().into(),
-                msg.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &msg.body,
-                properties(&msg),
-            )
-            .await;
-        match published {
+    let sent = join_all(batch.iter().map(|msg| {
+        channel.basic_publish(
+            cfg.exchange.as_str().into(),
+            msg.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &msg.body,
+            properties(msg),
+        )
+    }))
+    .await;
+    let published_at = Instant::now();
+    let mut failure = None;
+    let mut unsent = Vec::new();
+    for (msg, result) in batch.into_iter().zip(sent) {
+        match result {
             Ok(confirm) => in_flight.push_back(InFlight {
                 msg,
                 confirm,
-                deadline: Instant::now() + cfg.confirm_timeout,
+                published_at,
+                deadline: published_at + cfg.confirm_timeout,
             }),
             Err(e) => {
                 metrics.publish_outcome("failed");
-                let rest = std::iter::once(msg).chain(batch).collect();
-                return Err((PublishError::Publish(e), rest));
+                failure.get_or_insert(PublishError::Publish(e));
+                unsent.push(msg);
             }
         }
     }
-    Ok(())
+    match failure {
+        Some(err) => Err((err, unsent)),
+        None => Ok(()),
+    }
 }
 
 /// Waits for the oldest in-flight message's confirm and takes it out.
@@ -263,10 +276,12 @@ async fn oldest_answer(
     let result = timeout_at(front.deadline, &mut front.confirm).await;
     let answer = match result {
         Ok(Ok(Confirmation::Ack(None))) => {
+            let now = Instant::now();
             metrics.confirmed(
                 front.msg.span_count,
-                Instant::now()
-                    .saturating_duration_since(front.msg.received_at)
+                now.saturating_duration_since(front.msg.received_at)
+                    .as_secs_f64(),
+                now.saturating_duration_since(front.published_at)
                     .as_secs_f64(),
             );
             Answer::Confirmed
