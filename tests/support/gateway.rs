@@ -182,6 +182,40 @@ impl Tailgate {
         }
     }
 
+    /// Polls `/metrics` until `name` is exactly `want` (for gauges that fall).
+    pub async fn wait_metric_eq(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let value = self.metric(name, labels).await;
+            if value == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} stayed at {value}, wanted {want}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls `/readyz` until it answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let status = self.ready_status().await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz stayed at {status}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `GET /readyz` status code.
     pub async fn ready_status(&self) -> u16 {
         reqwest::get(format!("http://{}/readyz", self.admin))
