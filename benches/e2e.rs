@@ -59,6 +59,15 @@ fn plan() -> Plan {
             other => panic!("--protocol grpc|http, not {other}"),
         };
     }
+    if let Some(r) = value("--rules") {
+        // Cargo runs benchmarks in the package's directory; a path relative
+        // to the workspace root (as the docs give it) works too.
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let path = std::fs::canonicalize(&r)
+            .or_else(|_| std::fs::canonicalize(workspace.join(&r)))
+            .unwrap_or_else(|e| panic!("--rules {r}: {e}"));
+        plan.rules = Some(path);
+    }
     if let Some(n) = value("--memory-spans") {
         plan.memory_spans = n.parse().expect("--memory-spans");
     }

@@ -55,7 +55,7 @@ fn trace_number(trace_hex: &str) -> u8 {
     u8::from_str_radix(&trace_hex[10..12], 16).unwrap()
 }
 
-/// `rules check` passes both shipped examples and reports every error of a
+/// `rules check` passes the shipped examples (and the benchmark's file) and reports every error of a
 /// broken file with file:line:column; `rules test` gives the expected
 /// decision, rule and adjusted count for each shipped example trace.
 #[test]
@@ -63,6 +63,7 @@ fn rules_check_and_test_commands() {
     for example in [
         "sampling-rules/examples/default.yaml",
         "sampling-rules/examples/order-pipeline.yaml",
+        "benches/rules/order-attributes.yaml",
     ] {
         let out = Command::new(BIN)
             .args(["rules", "check"])

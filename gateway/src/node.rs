@@ -17,7 +17,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{error, info};
 
 /// How often due traces are looked for. Decisions are late by at most this.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
+const SWEEP_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {

@@ -749,4 +749,8 @@ fn reads_span_attributes_finds_every_place_a_field_is_named() {
         "select_set_by: deployment.environment\nsets:\n  production:\n    - name: prod\n      when:\n        attributes.order.status: NEW\n      action: keep\n  default:\n    - name: other\n      action: drop\n"
     )
     .reads_span_attributes());
+    // The benchmark's file exists to measure the full decode.
+    assert!(
+        rules(include_str!("../../benches/rules/order-attributes.yaml")).reads_span_attributes()
+    );
 }

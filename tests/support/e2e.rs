@@ -44,6 +44,8 @@ pub struct Plan {
     /// Distinct pre-encoded batches (later passes rename their traces).
     pub batches: u32,
     pub decision_wait: Duration,
+    /// A sampling rules file for the gateways; the built-in policy if `None`.
+    pub rules: Option<std::path::PathBuf>,
     /// Spans held by the memory-measurement gateway.
     pub memory_spans: u64,
     /// CPU time spent on the raw prost decode baseline.
@@ -62,6 +64,7 @@ impl Plan {
             workload: Workload::default(),
             batches: 200,
             decision_wait: Duration::from_secs(2),
+            rules: None,
             memory_spans: 1_000_000,
             decode_time: Duration::from_secs(3),
         }
@@ -365,6 +368,13 @@ fn gateway_env(plan: &Plan) -> Vec<(&'static str, String)> {
         ("TAILGATE_CLUSTER__REFRESH_SECS", "0.2".into()),
         ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "5".into()),
     ]
+    .into_iter()
+    .chain(
+        plan.rules
+            .as_ref()
+            .map(|path| ("TAILGATE_RULES__FILE", path.to_string_lossy().into_owned())),
+    )
+    .collect()
 }
 
 fn start_gateway(exchange: &str, env: &[(&str, String)]) -> Tailgate {
@@ -573,6 +583,15 @@ impl fmt::Display for Report {
             p.workload.spans_per_trace,
             self.bytes_per_span,
             p.decision_wait.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "sampling: {}",
+            p.rules
+                .as_ref()
+                .map_or("the built-in policy".to_owned(), |r| r
+                    .display()
+                    .to_string())
         )?;
         writeln!(
             f,

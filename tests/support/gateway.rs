@@ -165,55 +165,59 @@ impl Tailgate {
         sum_metric(&self.metrics().await, name, labels)
     }
 
-    /// Polls `/metrics` until `name` reaches at least `want`.
-    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+    /// Reads `read` every 20 ms until `done` holds for what it returns;
+    /// fails with `what` and the node's logs after `PATIENCE`.
+    async fn poll<T: std::fmt::Display>(
+        &self,
+        what: &str,
+        read: impl AsyncFn() -> T,
+        done: impl Fn(&T) -> bool,
+    ) -> T {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let value = self.metric(name, labels).await;
-            if value >= want {
+            let value = read().await;
+            if done(&value) {
                 return value;
             }
             assert!(
                 Instant::now() < deadline,
-                "{name}{labels:?} stayed at {value}, wanted {want}\n{}",
+                "{what}: stayed at {value}\n{}",
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Polls `/metrics` until `name` reaches at least `want`.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+        let what = format!("{name}{labels:?}, wanted {want} or more");
+        self.poll(
+            &what,
+            async || self.metric(name, labels).await,
+            |v| *v >= want,
+        )
+        .await
     }
 
     /// Polls `/metrics` until `name` is exactly `want` (for gauges that fall).
     pub async fn wait_metric_eq(&self, name: &str, labels: &[(&str, &str)], want: f64) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let value = self.metric(name, labels).await;
-            if value == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name}{labels:?} stayed at {value}, wanted {want}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("{name}{labels:?}, wanted {want}");
+        self.poll(
+            &what,
+            async || self.metric(name, labels).await,
+            |v| *v == want,
+        )
+        .await;
     }
 
     /// Polls `/readyz` until it answers 200.
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let status = self.ready_status().await;
-            if status == 200 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz stayed at {status}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.poll(
+            "/readyz, wanted 200",
+            async || self.ready_status().await,
+            |s| *s == 200,
+        )
+        .await;
     }
 
     /// `GET /readyz` status code.
