@@ -454,7 +454,7 @@ async fn returned_and_nacked_messages_are_retried() {
         3.0,
     )
     .await;
-    // A message leaves the outbox just after its ack is counted.
+    // The outbox gauge is refreshed by the sweep, so it can trail the ack counter.
     gw.wait_metric_eq("tailgate_outbox_messages", &[], 0.0)
         .await;
     q.delete().await;

@@ -55,8 +55,8 @@ fn trace_number(trace_hex: &str) -> u8 {
     u8::from_str_radix(&trace_hex[10..12], 16).unwrap()
 }
 
-/// `rules check` passes the shipped examples (and the benchmark's file) and reports every error of a
-/// broken file with file:line:column; `rules test` gives the expected
+/// `rules check` passes the shipped examples and the benchmark's file, and
+/// reports every error of a broken file with file:line:column; `rules test` gives the expected
 /// decision, rule and adjusted count for each shipped example trace.
 #[test]
 fn rules_check_and_test_commands() {

@@ -360,21 +360,18 @@ fn options(plan: &Plan, nodes: &[&Tailgate], rate: Option<f64>, first_pass: u64)
 }
 
 fn gateway_env(plan: &Plan) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         (
             "TAILGATE_BUFFER__DECISION_WAIT_SECS",
             plan.decision_wait.as_secs_f64().to_string(),
         ),
         ("TAILGATE_CLUSTER__REFRESH_SECS", "0.2".into()),
         ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "5".into()),
-    ]
-    .into_iter()
-    .chain(
-        plan.rules
-            .as_ref()
-            .map(|path| ("TAILGATE_RULES__FILE", path.to_string_lossy().into_owned())),
-    )
-    .collect()
+    ];
+    if let Some(path) = &plan.rules {
+        env.push(("TAILGATE_RULES__FILE", path.to_string_lossy().into_owned()));
+    }
+    env
 }
 
 fn start_gateway(exchange: &str, env: &[(&str, String)]) -> Tailgate {
@@ -584,15 +581,10 @@ impl fmt::Display for Report {
             self.bytes_per_span,
             p.decision_wait.as_secs_f64()
         )?;
-        writeln!(
-            f,
-            "sampling: {}",
-            p.rules
-                .as_ref()
-                .map_or("the built-in policy".to_owned(), |r| r
-                    .display()
-                    .to_string())
-        )?;
+        match &p.rules {
+            Some(rules) => writeln!(f, "sampling: {}", rules.display())?,
+            None => writeln!(f, "sampling: the built-in policy")?,
+        }
         writeln!(
             f,
             "raw prost decode of the same payloads: {} spans per CPU-second (one core)\n",
