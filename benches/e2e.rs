@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Options: `--smoke`, `--duration-secs S`, `--warm-up-secs S`, `--gateways 1,3`,
-//! `--connections K`, `--protocol grpc|http`, `--memory-spans N`.
+//! `--connections K`, `--protocol grpc|http`, `--rules FILE`,
+//! `--compression zstd|lz4|none`, `--memory-spans N`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,6 +24,7 @@ mod support;
 use std::time::Duration;
 use support::e2e::{self, Plan};
 use tailgate_benches::loadgen::Protocol;
+use tailgate_ingester::compression::Compression;
 
 fn plan() -> Plan {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -67,6 +69,13 @@ fn plan() -> Plan {
             .or_else(|_| std::fs::canonicalize(workspace.join(&r)))
             .unwrap_or_else(|e| panic!("--rules {r}: {e}"));
         plan.rules = Some(path);
+    }
+    if let Some(c) = value("--compression") {
+        plan.compression = match c.as_str() {
+            "none" => Compression::None,
+            other => Compression::from_content_encoding(Some(other))
+                .unwrap_or_else(|e| panic!("--compression zstd|lz4|none: {e}")),
+        };
     }
     if let Some(n) = value("--memory-spans") {
         plan.memory_spans = n.parse().expect("--memory-spans");

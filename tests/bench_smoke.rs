@@ -10,13 +10,13 @@ use support::e2e::{Plan, run};
 
 /// 1 and then 3 gateways with an ingester, under load from the load
 /// generator: every accepted span is kept (and stored exactly once in
-/// ClickHouse) or counted as dropped with a reason, and every figure of the
-/// report could be computed.
+/// ClickHouse) or counted as dropped with a reason, kept traces reach the
+/// broker compressed (fewer bytes per span than the OTLP the gateways
+/// received), and every figure of the report could be computed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_benchmark_smoke_run_loses_nothing() {
     let report = run(Plan::smoke()).await;
     println!("{report}");
-    assert!(report.prost_decode > 0.0);
     assert_eq!(report.setups.len(), 2);
     for s in &report.setups {
         let a = &s.accounting;
@@ -26,8 +26,14 @@ async fn end_to_end_benchmark_smoke_run_loses_nothing() {
         assert_eq!(a.rows, a.kept, "{report}");
         assert!(a.kept > 0 && a.dropped_total() > 0, "{report}");
         assert!(s.spans_per_cpu_second().is_finite(), "{report}");
+        assert!(s.prost_decode.iter().all(|&r| r > 0.0), "{report}");
         assert!(s.latency_p99 >= s.latency_p50, "{report}");
         assert!(s.capacity.load.late_spans_sent > 0, "{report}");
+        assert!(a.broker_bytes_per_kept_span() > 0.0, "{report}");
+        assert!(
+            a.broker_bytes_per_kept_span() < report.bytes_per_span,
+            "{report}"
+        );
     }
     let m = &report.memory;
     assert!(m.spans >= 20_000 && m.buffered_bytes > 0, "{report}");

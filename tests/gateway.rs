@@ -60,6 +60,11 @@ async fn every_protocol_is_accepted_and_kept_traces_are_published() {
         assert_eq!(m.spans().len(), 3, "all spans in one message");
         assert_eq!(m.routing_key, "traces.error.shop-api");
         assert_eq!(m.content_type, "application/x-protobuf");
+        assert_eq!(
+            m.content_encoding.as_deref(),
+            Some("lz4"),
+            "compressed by default"
+        );
         assert!(m.persistent);
         assert!(!m.message_id.is_empty());
         assert_eq!(m.header("sampling_rule").as_deref(), Some("error"));

@@ -8,6 +8,7 @@
 mod support;
 
 use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+use prost::Message;
 use serde_json::json;
 use support::{
     amqp_url,
@@ -17,6 +18,7 @@ use support::{
     ingest::Ingest,
     otlp::{self, OrderSpan, hex, kv, order_trace, trace_id},
 };
+use tailgate_ingester::compression::Compression;
 
 /// A gateway that keeps every trace (rule `random` at 100%, adjusted count 1).
 fn keep_all_gateway(q: &TestQueue) -> Gateway {
@@ -386,8 +388,11 @@ async fn killed_between_insert_and_ack() {
     q.delete().await;
 }
 
-/// A message that cannot be decoded goes to the dead-letter queue with a
-/// header saying why, is counted, and the messages around it flow on.
+/// Messages that cannot be read (not protobuf, an unknown
+/// `content_encoding`, a body that is not what its encoding says) go to the
+/// dead-letter queue with a header saying why, and are counted. The
+/// messages around them flow on, whether compressed by the gateway (lz4,
+/// the default), by another producer (zstd) or not at all.
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_messages_are_dead_lettered() {
     let ch = ClickHouse::start();
@@ -395,46 +400,62 @@ async fn poison_messages_are_dead_lettered() {
     let names = Ingest::new(&q.exchange);
     let ing = names.start(&q.exchange, &ch, &[]).await;
     let gw = keep_all_gateway(&q);
-    q.publish_raw(
-        "traces.error.shop-api",
-        b"\xff\xff not protobuf",
-        "poison-1",
-    )
-    .await;
+    let key = "traces.error.shop-api";
+    let poison: [(&[u8], Option<&str>, &str); 3] = [
+        (b"\xff\xff not protobuf", None, "not an OTLP"),
+        (
+            b"\x1f\x8b gzip?",
+            Some("gzip"),
+            "unknown content_encoding \"gzip\"",
+        ),
+        (
+            b"\xff\xff not zstd",
+            Some("zstd"),
+            "zstd body does not decompress",
+        ),
+    ];
+    for (n, (body, encoding, _)) in poison.iter().enumerate() {
+        q.publish_raw(key, body, &format!("poison-{n}"), *encoding)
+            .await;
+    }
+    let encoded = |n| otlp::request(&order_trace(trace_id(36, n), 10, None)).encode_to_vec();
+    q.publish_raw(key, &encoded(2), "plain-1", None).await;
+    let (_, zstd) = Compression::Zstd.compress(encoded(3));
+    q.publish_raw(key, &zstd, "zstd-1", Some("zstd")).await;
     otlp::send_grpc(
         &gw.grpc_url(),
         otlp::request(&order_trace(trace_id(36, 1), 10, None)),
     )
     .await
     .unwrap();
-    let dead = q.get_from(&names.dlq).await.expect("dead-lettered message");
-    assert_eq!(dead.delivery.data, b"\xff\xff not protobuf");
-    let headers = dead
-        .delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
-    let reason = match headers.inner().get("x-tailgate-dead-letter-reason") {
-        Some(lapin::types::AMQPValue::LongString(s)) => Some(s.to_string()),
-        _ => None,
-    };
-    assert!(
-        reason.as_deref().unwrap_or("").contains("not an OTLP"),
-        "{reason:?}"
-    );
+    // One consumer, so they are dead-lettered in the order they were published.
+    for (body, _, why) in poison {
+        let dead = q.get_from(&names.dlq).await.expect("dead-lettered message");
+        assert_eq!(dead.delivery.data, body);
+        let headers = dead
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let reason = match headers.inner().get("x-tailgate-dead-letter-reason") {
+            Some(lapin::types::AMQPValue::LongString(s)) => Some(s.to_string()),
+            _ => None,
+        };
+        assert!(reason.as_deref().unwrap_or("").contains(why), "{reason:?}");
+    }
+    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 9.0)
+        .await;
+    ing.wait_metric("tailgate_ingester_acked_messages_total", &[], 6.0)
+        .await;
     assert_eq!(
         ing.metric(
             "tailgate_ingester_dead_lettered_messages_total",
             &[("reason", "undecodable")]
         )
         .await,
-        1.0
+        3.0
     );
-    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 3.0)
-        .await;
-    ing.wait_metric("tailgate_ingester_acked_messages_total", &[], 2.0)
-        .await;
     drop(gw);
     drop(ing);
     names.cleanup().await;

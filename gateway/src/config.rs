@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::{net::SocketAddr, num::NonZeroUsize, path::Path, time::Duration};
+pub use tailgate_ingester::compression::Compression;
 use tailgate_sampling_rules::{Probability, ProbabilityError};
 
 /// Prefix of environment variables that override configuration keys.
@@ -210,6 +211,8 @@ pub struct RawRabbitmq {
     pub confirm_timeout_secs: u64,
     /// Longest wait between reconnect or republish attempts.
     pub max_backoff_secs: u64,
+    /// How kept traces are compressed for the broker: `lz4`, `zstd` or `none`.
+    pub compression: Compression,
 }
 
 impl Default for RawRabbitmq {
@@ -221,6 +224,7 @@ impl Default for RawRabbitmq {
             max_in_flight: 256,
             confirm_timeout_secs: 30,
             max_backoff_secs: 10,
+            compression: Compression::default(),
         }
     }
 }
@@ -322,6 +326,7 @@ pub struct Rabbitmq {
     pub max_in_flight: NonZeroUsize,
     pub confirm_timeout: Duration,
     pub max_backoff: Duration,
+    pub compression: Compression,
 }
 
 /// Loading for any configuration file of Tailgate (the gateway's, the
@@ -480,6 +485,7 @@ impl RawConfig {
                 max_in_flight: nonzero("rabbitmq.max_in_flight", q.max_in_flight)?,
                 confirm_timeout: Duration::from_secs(q.confirm_timeout_secs.max(1)),
                 max_backoff: Duration::from_secs(q.max_backoff_secs.max(1)),
+                compression: q.compression,
             },
             cluster: {
                 let c = &self.cluster;
@@ -549,6 +555,7 @@ mod tests {
         assert_eq!(c.buffer.max_buffer_bytes.get(), 512 << 20);
         assert_eq!(c.receiver.max_request_bytes.get(), 16 << 20);
         assert_eq!(c.rabbitmq.exchange, "tailgate.traces");
+        assert_eq!(c.rabbitmq.compression, Compression::Lz4);
         assert_eq!(c.decision_cache.ttl, Duration::from_secs(300));
         assert_eq!(c.receiver.grpc_listen.port(), 4317);
         assert_eq!(c.admin_listen.port(), 8888);
@@ -595,6 +602,25 @@ mod tests {
             c.rules.file.unwrap().to_str(),
             Some("/etc/tailgate/rules.yaml")
         );
+    }
+
+    /// Compression is chosen by name, in the file or the environment; an
+    /// unknown name is an error that lists the known ones.
+    #[test]
+    fn compression_by_name() {
+        let c = RawConfig::from_yaml("rabbitmq:\n  compression: zstd\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.rabbitmq.compression, Compression::Zstd);
+        let c = RawConfig::default()
+            .with_env_overrides(env(&[("TAILGATE_RABBITMQ__COMPRESSION", "none")]))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.rabbitmq.compression, Compression::None);
+        let err = RawConfig::from_yaml("rabbitmq:\n  compression: gzip\n").unwrap_err();
+        assert!(err.contains("gzip") && err.contains("zstd"), "{err}");
     }
 
     #[test]

@@ -86,6 +86,7 @@ pub struct Metrics {
     late_spans: Family<Decision, Counter>,
     published_messages: Family<Outcome, Counter>,
     published_spans: Counter,
+    published_bytes: Counter,
     broker_connection_errors: Counter,
     forwarded_spans: Family<Peer, Counter>,
     forwarded_bytes: Family<Peer, Counter>,
@@ -152,6 +153,7 @@ impl Metrics {
             late_spans: Family::default(),
             published_messages: Family::default(),
             published_spans: Counter::default(),
+            published_bytes: Counter::default(),
             broker_connection_errors: Counter::default(),
             forwarded_spans: Family::default(),
             forwarded_bytes: Family::default(),
@@ -219,6 +221,11 @@ impl Metrics {
             "tailgate_published_spans",
             "Spans in messages the broker confirmed",
             m.published_spans.clone(),
+        );
+        r.register(
+            "tailgate_published_bytes",
+            "Bytes of message bodies the broker confirmed, as sent (compressed)",
+            m.published_bytes.clone(),
         );
         r.register(
             "tailgate_broker_connection_errors",
@@ -387,9 +394,10 @@ impl Metrics {
 
     /// A kept trace confirmed: `latency_secs` since its root arrived,
     /// `confirm_secs` since it was published.
-    pub fn confirmed(&self, spans: usize, latency_secs: f64, confirm_secs: f64) {
+    pub fn confirmed(&self, spans: usize, bytes: usize, latency_secs: f64, confirm_secs: f64) {
         self.publish_outcome("ack");
         self.published_spans.inc_by(spans as u64);
+        self.published_bytes.inc_by(bytes as u64);
         self.publish_latency.observe(latency_secs);
         self.confirm_latency.observe(confirm_secs);
     }

@@ -93,7 +93,13 @@ impl Pipeline {
         let cache = DecisionCache::new(&cfg.decision_cache);
         Self {
             buffer: Buffer::new(&cfg.buffer),
-            decider: Decider::new(rules, cache, Arc::clone(&metrics), Arc::clone(&outbox)),
+            decider: Decider::new(
+                rules,
+                cache,
+                Arc::clone(&metrics),
+                Arc::clone(&outbox),
+                cfg.rabbitmq.compression,
+            ),
             outbox,
             metrics,
             cluster,

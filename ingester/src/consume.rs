@@ -8,9 +8,10 @@
 //! only then acknowledged, with one `multiple` ack.
 
 use crate::{
+    compression::Compression,
     config::IngesterConfig,
     metrics::Metrics,
-    rows::{Sampling, rows},
+    rows::{Sampling, SpanRow, rows},
     store::{Pending, Store},
 };
 use futures_util::StreamExt;
@@ -184,6 +185,17 @@ fn message_id(d: &Delivery) -> String {
     }
 }
 
+/// The span rows of one message: its body decompressed as its
+/// `content_encoding` says, then decoded. The error is the reason it is
+/// dead-lettered.
+fn message_rows(d: &Delivery, id: &str, cfg: &IngesterConfig) -> Result<Vec<SpanRow>, String> {
+    let encoding = d.properties.content_encoding().as_ref().map(|e| e.as_str());
+    let body = Compression::from_content_encoding(encoding)
+        .and_then(|c| c.decompress(&d.data))
+        .map_err(|e| e.to_string())?;
+    rows(&body, id, &sampling(&d.properties), &cfg.retention).map_err(|e| e.to_string())
+}
+
 /// Copies an undecodable message to the dead-letter exchange with the reason
 /// in a header, and waits for the broker's confirm.
 async fn dead_letter(
@@ -292,7 +304,7 @@ async fn consume(
         let mut bytes = 0u64;
         for d in &batch {
             let id = message_id(d);
-            match rows(&d.data, &id, &sampling(&d.properties), &cfg.retention) {
+            match message_rows(d, &id, cfg) {
                 Ok(rows) => {
                     bytes += d.data.len() as u64;
                     pending.push(Pending {
@@ -302,7 +314,7 @@ async fn consume(
                 }
                 Err(e) => {
                     error!(message_id = %id, routing_key = %d.routing_key, error = %e, "dead-lettering an undecodable message");
-                    dead_letter(&intake.channel, cfg, d, &e.to_string()).await?;
+                    dead_letter(&intake.channel, cfg, d, &e).await?;
                     metrics.dead_lettered("undecodable");
                 }
             }

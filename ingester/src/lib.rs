@@ -3,9 +3,11 @@
 //! retention tiers.
 //!
 //! A message's path: [`consume`] (queue topology, batches, acks) →
+//! [`compression`] (the body as the gateway packed it) →
 //! [`rows`] (OTLP into span rows) → [`store`] (idempotent inserts).
 //! [`schema`] is `migrate`; [`config`] and [`node`] set it all up.
 
+pub mod compression;
 pub mod config;
 pub mod consume;
 pub mod metrics;

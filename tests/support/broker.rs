@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 use std::net::SocketAddr;
+use tailgate_ingester::compression::Compression;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -27,6 +28,8 @@ pub struct Received {
     pub routing_key: String,
     pub message_id: String,
     pub content_type: String,
+    /// The AMQP `content_encoding`: how the body was compressed.
+    pub content_encoding: Option<String>,
     pub persistent: bool,
     pub headers: FieldTable,
     pub request: ExportTraceServiceRequest,
@@ -164,6 +167,10 @@ impl TestQueue {
             .ok()??
             .expect("delivery");
         let props = &delivery.properties;
+        let content_encoding = props.content_encoding().as_ref().map(|e| e.to_string());
+        let body = Compression::from_content_encoding(content_encoding.as_deref())
+            .and_then(|c| c.decompress(&delivery.data))
+            .expect("message body decompresses as its content_encoding says");
         Some(Received {
             routing_key: delivery.routing_key.to_string(),
             message_id: props
@@ -176,9 +183,10 @@ impl TestQueue {
                 .as_ref()
                 .map(|s| s.to_string())
                 .unwrap_or_default(),
+            content_encoding,
             persistent: *props.delivery_mode() == Some(2),
             headers: props.headers().clone().unwrap_or_default(),
-            request: ExportTraceServiceRequest::decode(delivery.data.as_slice())
+            request: ExportTraceServiceRequest::decode(body.as_slice())
                 .expect("message body is an OTLP ExportTraceServiceRequest"),
         })
     }
@@ -195,11 +203,21 @@ impl TestQueue {
         out
     }
 
-    /// Publishes raw bytes to the test's exchange, as a misbehaving producer would.
-    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], message_id: &str) {
-        let props = lapin::BasicProperties::default()
+    /// Publishes raw bytes to the test's exchange, with `content_encoding`
+    /// if given, as another (or a misbehaving) producer would.
+    pub async fn publish_raw(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        message_id: &str,
+        content_encoding: Option<&str>,
+    ) {
+        let mut props = lapin::BasicProperties::default()
             .with_message_id(message_id.into())
             .with_delivery_mode(2);
+        if let Some(encoding) = content_encoding {
+            props = props.with_content_encoding(encoding.into());
+        }
         self.channel
             .basic_publish(
                 self.exchange.as_str().into(),

@@ -10,6 +10,7 @@ pub mod reload;
 
 use crate::{
     buffer::{TakenTrace, Trigger},
+    config::Compression,
     metrics::{DropReason, Metrics},
     publish::{OutMessage, Outbox},
     route::{Decoded, DecodedTrace, Detail, TraceBatch, decode, into_request},
@@ -32,6 +33,9 @@ pub struct Decider {
     cache: DecisionCache,
     metrics: Arc<Metrics>,
     outbox: Arc<Outbox>,
+    /// Kept traces are compressed here, on the deciding thread, once: the
+    /// outbox holds them compressed and a retry publishes the same bytes.
+    compression: Compression,
 }
 
 impl Decider {
@@ -40,12 +44,14 @@ impl Decider {
         cache: DecisionCache,
         metrics: Arc<Metrics>,
         outbox: Arc<Outbox>,
+        compression: Compression,
     ) -> Self {
         Self {
             rules: ArcSwap::new(rules),
             cache,
             metrics,
             outbox,
+            compression,
         }
     }
 
@@ -161,6 +167,7 @@ impl Decider {
             Arc::clone(root_service),
             span_count,
             &request,
+            self.compression,
             received_at,
         ));
     }

@@ -121,12 +121,16 @@ fn properties(msg: &OutMessage) -> BasicProperties {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    BasicProperties::default()
+    let props = BasicProperties::default()
         .with_content_type(ShortString::from("application/x-protobuf"))
         .with_delivery_mode(2) // persistent
         .with_message_id(ShortString::from(msg.id.as_str()))
         .with_timestamp(now)
-        .with_headers(headers)
+        .with_headers(headers);
+    match msg.compression.content_encoding() {
+        Some(encoding) => props.with_content_encoding(ShortString::from(encoding)),
+        None => props,
+    }
 }
 
 /// A published message waiting for its confirm.
@@ -279,6 +283,7 @@ async fn oldest_answer(
             let now = Instant::now();
             metrics.confirmed(
                 front.msg.span_count,
+                front.msg.body.len(),
                 now.saturating_duration_since(front.msg.received_at)
                     .as_secs_f64(),
                 now.saturating_duration_since(front.published_at)

@@ -19,6 +19,7 @@ use std::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
+use tailgate_ingester::compression::Compression;
 use tailgate_sampling_rules::{Kept, TraceId};
 use tokio::{sync::Notify, time::Instant};
 
@@ -28,8 +29,9 @@ pub struct OutMessage {
     /// Unique per message, unchanged when republished.
     pub id: String,
     pub routing_key: String,
-    /// `ExportTraceServiceRequest` protobuf.
+    /// `ExportTraceServiceRequest` protobuf, compressed as `compression` says.
     pub body: Bytes,
+    pub compression: Compression,
     pub trace_id: TraceId,
     pub rule: String,
     pub adjusted_count: f64,
@@ -77,9 +79,11 @@ impl OutMessage {
         root_service: Arc<str>,
         span_count: usize,
         request: &ExportTraceServiceRequest,
+        compression: Compression,
         received_at: Instant,
     ) -> Self {
         let (prefix, n) = next_message_number();
+        let (compression, body) = compression.compress(request.encode_to_vec());
         Self {
             id: format!("{trace_id}-{prefix:016x}-{n}"),
             routing_key: format!(
@@ -87,7 +91,8 @@ impl OutMessage {
                 routing_word(kept.rule.as_str()),
                 routing_word(&root_service)
             ),
-            body: Bytes::from(request.encode_to_vec()),
+            body: Bytes::from(body),
+            compression,
             trace_id,
             rule: kept.rule.as_str().to_owned(),
             adjusted_count: kept.adjusted_count(),
@@ -219,6 +224,7 @@ mod tests {
             "shop-api".into(),
             1,
             &ExportTraceServiceRequest::default(),
+            Compression::None,
             Instant::now(),
         )
     }
