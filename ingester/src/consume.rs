@@ -180,7 +180,7 @@ fn message_id(d: &Delivery) -> String {
         Some(id) if !id.as_str().is_empty() => id.to_string(),
         _ => {
             let digest = Sha256::digest(&d.data);
-            digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+            const_hex::encode(&digest[..16])
         }
     }
 }

@@ -145,11 +145,7 @@ impl Store {
             token.update(p.message_id.as_bytes());
             token.update([0]);
         }
-        let token: String = token
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let token = const_hex::encode(token.finalize());
         let client = self
             .client
             .clone()
