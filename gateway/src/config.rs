@@ -567,6 +567,7 @@ mod tests {
         let text = include_str!("../../docs/examples/gateway.yaml");
         let c = RawConfig::from_yaml(text).unwrap().validate().unwrap();
         assert_eq!(c.buffer.decision_wait, Duration::from_secs(2));
+        assert_eq!(c.rabbitmq.compression, Compression::default());
     }
 
     /// A misspelt key is an error that names it and where it is.
