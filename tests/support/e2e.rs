@@ -7,10 +7,11 @@
 //! span; a phase at half that rate measures decision latency; then every
 //! accepted span must be accounted for (kept and confirmed by the broker,
 //! or dropped with a reason) and every kept span must be a row in
-//! ClickHouse. The raw prost decode of the same payloads, the limit the
-//! gateways are compared with, is measured before each setup and again
-//! after its capacity phase. Memory per buffered span is measured on its
-//! own gateway, which holds everything it receives.
+//! ClickHouse. The ingester batches as in the tests (`batch.max_wait_secs`
+//! 0.1, set by `Ingest`). The raw prost decode of the same payloads, the
+//! limit the gateways are compared with, is measured before each setup and
+//! again after its capacity phase. Memory per buffered span is measured on
+//! its own gateway, which holds everything it receives.
 
 use super::{
     PATIENCE, broker,
