@@ -9,7 +9,7 @@
 //!
 //! Options: `--smoke`, `--duration-secs S`, `--warm-up-secs S`, `--gateways 1,3`,
 //! `--connections K`, `--protocol grpc|http`, `--rules FILE`,
-//! `--compression zstd|lz4|none`, `--memory-spans N`.
+//! `--compression lz4|zstd|none`, `--memory-spans N`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,7 +24,6 @@ mod support;
 use std::time::Duration;
 use support::e2e::{self, Plan};
 use tailgate_benches::loadgen::Protocol;
-use tailgate_ingester::compression::Compression;
 
 fn plan() -> Plan {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -71,11 +70,9 @@ fn plan() -> Plan {
         plan.rules = Some(path);
     }
     if let Some(c) = value("--compression") {
-        plan.compression = match c.as_str() {
-            "none" => Compression::None,
-            other => Compression::from_content_encoding(Some(other))
-                .unwrap_or_else(|e| panic!("--compression zstd|lz4|none: {e}")),
-        };
+        // Named as in the configuration file.
+        plan.compression = serde_json::from_value(serde_json::Value::String(c))
+            .unwrap_or_else(|e| panic!("--compression lz4|zstd|none: {e}"));
     }
     if let Some(n) = value("--memory-spans") {
         plan.memory_spans = n.parse().expect("--memory-spans");

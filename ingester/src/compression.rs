@@ -8,7 +8,7 @@
 //! smaller body means less disk, fewer log rollovers and less broker CPU.
 
 use serde::{Deserialize, Serialize};
-use std::{cell::RefCell, io::Read};
+use std::{borrow::Cow, cell::RefCell, io::Read, thread::LocalKey};
 
 /// Largest body accepted after decompression. A kept trace is at most the
 /// gateway's `buffer.max_trace_bytes` (8 MiB by default) plus annotations;
@@ -52,6 +52,18 @@ thread_local! {
     static UNZSTD: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// Runs `f` with this thread's context from `cell`, made by `new` on first use.
+fn with_context<C>(
+    cell: &'static LocalKey<RefCell<Option<C>>>,
+    new: impl FnOnce() -> std::io::Result<C>,
+    f: impl FnOnce(&mut C) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<Vec<u8>> {
+    cell.with_borrow_mut(|slot| match slot {
+        Some(ctx) => f(ctx),
+        None => f(slot.insert(new()?)),
+    })
+}
+
 /// The decompressed size of a body that is one zstd frame recording its
 /// size, as the gateway writes them; `None` for anything else.
 fn zstd_single_frame_size(body: &[u8]) -> Option<u64> {
@@ -88,15 +100,11 @@ impl Compression {
         let compressed = match self {
             Self::None => return (self, body),
             Self::Lz4 => lz4(&body),
-            Self::Zstd => ZSTD.with_borrow_mut(|ctx| {
-                if ctx.is_none() {
-                    *ctx = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
-                }
-                match ctx {
-                    Some(c) => c.compress(&body),
-                    None => Err(std::io::Error::other("no zstd context")),
-                }
-            }),
+            Self::Zstd => with_context(
+                &ZSTD,
+                || zstd::bulk::Compressor::new(ZSTD_LEVEL),
+                |c| c.compress(&body),
+            ),
         };
         match compressed {
             Ok(c) => (self, c),
@@ -105,40 +113,37 @@ impl Compression {
     }
 
     /// The protobuf inside a body compressed this way, at most
-    /// [`MAX_DECOMPRESSED_BYTES`].
-    pub fn decompress(self, body: &[u8]) -> Result<Vec<u8>, BodyError> {
+    /// [`MAX_DECOMPRESSED_BYTES`]; an uncompressed body is not copied.
+    pub fn decompress(self, body: &[u8]) -> Result<Cow<'_, [u8]>, BodyError> {
         self.decompress_at_most(body, MAX_DECOMPRESSED_BYTES)
     }
 
-    fn decompress_at_most(self, body: &[u8], max: usize) -> Result<Vec<u8>, BodyError> {
+    fn decompress_at_most(self, body: &[u8], max: usize) -> Result<Cow<'_, [u8]>, BodyError> {
         let corrupt = |source| BodyError::Corrupt {
             encoding: self.content_encoding().unwrap_or("identity"),
             source,
         };
         let out = match self {
-            Self::None => body.to_vec(),
-            Self::Lz4 => read_at_most(lz4_flex::frame::FrameDecoder::new(body), body.len(), max)
-                .map_err(corrupt)?,
+            Self::None => Cow::Borrowed(body),
+            Self::Lz4 => Cow::Owned(
+                read_at_most(lz4_flex::frame::FrameDecoder::new(body), body.len(), max)
+                    .map_err(corrupt)?,
+            ),
             Self::Zstd => match zstd_single_frame_size(body) {
                 // The gateway's bodies: one frame of known size, decompressed
                 // in one call with a context kept per thread.
                 Some(size) if size > max as u64 => return Err(BodyError::TooLarge(max)),
-                Some(size) => UNZSTD
-                    .with_borrow_mut(|ctx| {
-                        if ctx.is_none() {
-                            *ctx = Some(zstd::bulk::Decompressor::new()?);
-                        }
-                        match ctx {
-                            Some(d) => d.decompress(body, size as usize),
-                            None => Err(std::io::Error::other("no zstd context")),
-                        }
+                Some(size) => Cow::Owned(
+                    with_context(&UNZSTD, zstd::bulk::Decompressor::new, |d| {
+                        d.decompress(body, size as usize)
                     })
                     .map_err(corrupt)?,
+                ),
                 // Other producers' streamed frames, or several frames.
                 None => {
                     let decoder =
                         zstd::stream::read::Decoder::with_buffer(body).map_err(corrupt)?;
-                    read_at_most(decoder, body.len(), max).map_err(corrupt)?
+                    Cow::Owned(read_at_most(decoder, body.len(), max).map_err(corrupt)?)
                 }
             },
         };
@@ -256,6 +261,9 @@ mod tests {
     fn reads_any_zstd_frames() {
         let mut two = zstd::stream::encode_all(&b"first "[..], 3).unwrap();
         two.extend(Compression::Zstd.compress(b"second".to_vec()).1);
-        assert_eq!(Compression::Zstd.decompress(&two).unwrap(), b"first second");
+        assert_eq!(
+            &*Compression::Zstd.decompress(&two).unwrap(),
+            b"first second"
+        );
     }
 }

@@ -186,7 +186,7 @@ impl TestQueue {
             content_encoding,
             persistent: *props.delivery_mode() == Some(2),
             headers: props.headers().clone().unwrap_or_default(),
-            request: ExportTraceServiceRequest::decode(body.as_slice())
+            request: ExportTraceServiceRequest::decode(&*body)
                 .expect("message body is an OTLP ExportTraceServiceRequest"),
         })
     }

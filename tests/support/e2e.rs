@@ -396,10 +396,11 @@ fn gateway_env(plan: &Plan) -> Vec<(&'static str, String)> {
         ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "5".into()),
         (
             "TAILGATE_RABBITMQ__COMPRESSION",
-            plan.compression
-                .content_encoding()
-                .unwrap_or("none")
-                .to_owned(),
+            // Named as in the configuration file.
+            serde_json::to_value(plan.compression)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .expect("compression names itself"),
         ),
     ];
     if let Some(path) = &plan.rules {
