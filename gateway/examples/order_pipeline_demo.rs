@@ -19,6 +19,7 @@ use lapin::{
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{collections::BTreeMap, time::Duration};
+use tailgate_ingester::compression::Compression;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -177,7 +178,12 @@ async fn main() {
             Some(AMQPValue::LongLongInt(n)) => n.to_string(),
             _ => "?".into(),
         };
-        let body = ExportTraceServiceRequest::decode(delivery.data.as_slice()).unwrap();
+        // Bodies are compressed as `content_encoding` says (rabbitmq.compression).
+        let encoding = delivery.properties.content_encoding().as_ref();
+        let body = Compression::from_content_encoding(encoding.map(|e| e.as_str()))
+            .and_then(|c| c.decompress(&delivery.data))
+            .expect("a body the gateway compressed");
+        let body = ExportTraceServiceRequest::decode(&*body).unwrap();
         let spans: usize = body
             .resource_spans
             .iter()

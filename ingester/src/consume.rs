@@ -185,15 +185,21 @@ fn message_id(d: &Delivery) -> String {
     }
 }
 
-/// The span rows of one message: its body decompressed as its
-/// `content_encoding` says, then decoded. The error is the reason it is
-/// dead-lettered.
-fn message_rows(d: &Delivery, id: &str, cfg: &IngesterConfig) -> Result<Vec<SpanRow>, String> {
+/// The span rows of one message, and its OTLP bytes: its body decompressed
+/// as its `content_encoding` says, then decoded. The error is the reason it
+/// is dead-lettered.
+fn message_rows(
+    d: &Delivery,
+    id: &str,
+    cfg: &IngesterConfig,
+) -> Result<(Vec<SpanRow>, usize), String> {
     let encoding = d.properties.content_encoding().as_ref().map(|e| e.as_str());
     let body = Compression::from_content_encoding(encoding)
         .and_then(|c| c.decompress(&d.data))
         .map_err(|e| e.to_string())?;
-    rows(&body, id, &sampling(&d.properties), &cfg.retention).map_err(|e| e.to_string())
+    let rows =
+        rows(&body, id, &sampling(&d.properties), &cfg.retention).map_err(|e| e.to_string())?;
+    Ok((rows, body.len()))
 }
 
 /// Copies an undecodable message to the dead-letter exchange with the reason
@@ -305,8 +311,8 @@ async fn consume(
         for d in &batch {
             let id = message_id(d);
             match message_rows(d, &id, cfg) {
-                Ok(rows) => {
-                    bytes += d.data.len() as u64;
+                Ok((rows, otlp_bytes)) => {
+                    bytes += otlp_bytes as u64;
                     pending.push(Pending {
                         message_id: id,
                         rows,
