@@ -6,7 +6,7 @@ use super::PATIENCE;
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::mpsc,
 };
 
@@ -18,6 +18,11 @@ pub struct ClickHouse {
 
 impl ClickHouse {
     pub fn start() -> Self {
+        Self::start_at_priority(0)
+    }
+
+    /// Like `start`, with the chDB front at CPU priority `nice`.
+    pub fn start_at_priority(nice: i32) -> Self {
         if let Ok(url) = std::env::var("TAILGATE_TEST_CLICKHOUSE_URL") {
             return Self {
                 child: None,
@@ -30,7 +35,7 @@ impl ClickHouse {
             env!("CARGO_MANIFEST_DIR"),
             "/../tests/support/clickhouse-http/server.py"
         );
-        let mut child = Command::new("python3")
+        let mut child = super::command("python3", nice)
             .arg(script)
             .arg("--data")
             .arg(&dir)
@@ -58,6 +63,11 @@ impl ClickHouse {
             url: format!("http://{addr}"),
             dir: Some(dir),
         }
+    }
+
+    /// The chDB front's process ID (`None` for a server named by URL).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether this is the chDB front (which tests can take down and hold).

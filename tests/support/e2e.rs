@@ -57,6 +57,12 @@ pub struct Plan {
     pub memory_spans: u64,
     /// CPU time spent on the raw prost decode baseline.
     pub decode_time: Duration,
+    /// CPU priority (`nice`) of the ingester and the ClickHouse engine. In
+    /// production they run on hosts of their own; here they share two cores
+    /// with the gateways, the broker and the load generator, and at a lower
+    /// priority they take the cores only when the pipeline under test
+    /// leaves them idle. 0 runs them like everything else.
+    pub stand_in_nice: i32,
 }
 
 impl Plan {
@@ -75,6 +81,7 @@ impl Plan {
             compression: Compression::default(),
             memory_spans: 1_000_000,
             decode_time: Duration::from_secs(3),
+            stand_in_nice: 19,
         }
     }
 
@@ -165,6 +172,9 @@ pub struct SetupReport {
     /// Raw prost decode of the same payloads, spans per CPU-second, just
     /// before the setup started and just after its capacity phase.
     pub prost_decode: [f64; 2],
+    /// The nice values the ingester and the chDB engine ran at, as /proc
+    /// reports them.
+    pub stand_ins_nice: Vec<i32>,
 }
 
 impl SetupReport {
@@ -433,9 +443,16 @@ async fn run_setup(
 ) -> SetupReport {
     let decode_before = prost_decode(plan, requests).await;
     let exchange = unique("bench");
-    let ingest = Ingest::new(&exchange);
+    let ingest = Ingest {
+        nice: plan.stand_in_nice,
+        ..Ingest::new(&exchange)
+    };
     let ingester = ingest.start(&exchange, ch, &[]).await;
     let ingester_cpu0 = procfs::cpu(ingester.pid()).expect("ingester CPU");
+    let stand_ins_nice: Vec<i32> = std::iter::once(ingester.pid())
+        .chain(ch.pid())
+        .map(|pid| procfs::nice(pid).expect("nice value"))
+        .collect();
 
     let mut gateways: Vec<Tailgate> = Vec::new();
     for i in 0..n {
@@ -536,6 +553,7 @@ async fn run_setup(
         accounting,
         ingester_cpu,
         prost_decode: [decode_before, decode_after],
+        stand_ins_nice,
     }
 }
 
@@ -589,7 +607,7 @@ pub async fn run(plan: Plan) -> Report {
         (b + r.body.len() as u64, s + r.spans)
     });
 
-    let ch = ClickHouse::start();
+    let ch = ClickHouse::start_at_priority(plan.stand_in_nice);
     let mut setups = Vec::new();
     for &n in &plan.gateways {
         setups.push(run_setup(&plan, n, &ch, &batches, &requests).await);
@@ -637,6 +655,11 @@ impl fmt::Display for Report {
             f,
             "messages to RabbitMQ: {}",
             p.compression.content_encoding().unwrap_or("not compressed")
+        )?;
+        writeln!(
+            f,
+            "ingester and ClickHouse engine at nice {}",
+            p.stand_in_nice
         )?;
         writeln!(
             f,

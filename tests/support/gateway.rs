@@ -46,16 +46,21 @@ impl Tailgate {
             ("TAILGATE_RABBITMQ__MAX_BACKOFF_SECS", "1"),
             ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "0.2"),
         ];
-        Self::spawn(&["gateway"], "tailgate gateway ready", &base, env)
+        Self::spawn(&["gateway"], "tailgate gateway ready", &base, env, 0)
     }
 
     /// Starts an ingester; `env` names its queue, database and so on.
     pub fn ingester(env: &[(&str, &str)]) -> Self {
+        Self::ingester_at_priority(env, 0)
+    }
+
+    /// Like `ingester`, at CPU priority `nice`.
+    pub fn ingester_at_priority(env: &[(&str, &str)], nice: i32) -> Self {
         let base = [
             ("TAILGATE_RABBITMQ__MAX_BACKOFF_SECS", "1"),
             ("TAILGATE_CLICKHOUSE__MAX_BACKOFF_SECS", "1"),
         ];
-        Self::spawn(&["ingester"], "tailgate ingester ready", &base, env)
+        Self::spawn(&["ingester"], "tailgate ingester ready", &base, env, nice)
     }
 
     /// Runs `tailgate <args>` to completion with `env`; returns its output.
@@ -73,8 +78,9 @@ impl Tailgate {
         ready_message: &'static str,
         base: &[(&str, &str)],
         env: &[(&str, &str)],
+        nice: i32,
     ) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailgate"));
+        let mut cmd = super::command(env!("CARGO_BIN_EXE_tailgate"), nice);
         cmd.args(args)
             .env("TAILGATE_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")

@@ -14,6 +14,8 @@ pub struct Ingest {
     pub dlx: String,
     pub dlq: String,
     pub db: String,
+    /// CPU priority of the ingester process (0: normal).
+    pub nice: i32,
 }
 
 impl Ingest {
@@ -28,6 +30,7 @@ impl Ingest {
             dlx: format!("{exchange}.dlx"),
             dlq: format!("{exchange}.dlq"),
             db,
+            nice: 0,
         }
     }
 
@@ -63,7 +66,7 @@ impl Ingest {
     pub async fn start(&self, exchange: &str, ch: &ClickHouse, extra: &[(&str, &str)]) -> Tailgate {
         let env = self.env(exchange, ch, extra);
         let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let ing = Tailgate::ingester(&refs);
+        let ing = Tailgate::ingester_at_priority(&refs, self.nice);
         ing.wait_metric("tailgate_ingester_broker_connected", &[], 1.0)
             .await;
         ing

@@ -10,7 +10,11 @@ pub mod gateway;
 pub mod ingest;
 pub mod otlp;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    ffi::OsStr,
+    process::Command,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 /// Generous bound for anything the tests wait for; reaching it is a failure.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -27,4 +31,15 @@ pub fn unique(tag: &str) -> String {
 pub fn amqp_url() -> String {
     std::env::var("TAILGATE_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A command running `program` at CPU priority `nice` (through `nice(1)`, so
+/// every thread it starts inherits it); 0 is the normal priority.
+pub fn command(program: impl AsRef<OsStr>, nice: i32) -> Command {
+    if nice == 0 {
+        return Command::new(program);
+    }
+    let mut cmd = Command::new("nice");
+    cmd.arg("-n").arg(nice.to_string()).arg(program);
+    cmd
 }
