@@ -329,18 +329,17 @@ pub enum Detail {
     /// Everything: for publishing, and for rules that read attributes.
     Full,
     /// All but attributes, events and links, which are most of a span's
-    /// bytes and allocations: enough for rules that do not read them.
+    /// bytes and allocations, and the trace and span IDs: enough for rules
+    /// that do not read attributes, and for nothing else.
     Summary,
 }
 
-/// A span without its attributes, events and links. The tags are those of
-/// `Span`; prost skips the fields left out without allocating for them.
+/// A span without its attributes, events and links, nor its trace and span
+/// IDs: the trace's ID is the buffer's key and no rule reads a span's own,
+/// and each would be an allocation. The tags are those of `Span`; prost
+/// skips the fields left out without allocating for them.
 #[derive(Clone, PartialEq, Message)]
 struct SpanSummary {
-    #[prost(bytes = "vec", tag = "1")]
-    trace_id: Vec<u8>,
-    #[prost(bytes = "vec", tag = "2")]
-    span_id: Vec<u8>,
     #[prost(string, tag = "3")]
     trace_state: String,
     #[prost(bytes = "vec", tag = "4")]
@@ -369,8 +368,6 @@ struct ScopeSpansSummary {
 impl From<SpanSummary> for Span {
     fn from(s: SpanSummary) -> Self {
         Span {
-            trace_id: s.trace_id,
-            span_id: s.span_id,
             trace_state: s.trace_state,
             parent_span_id: s.parent_span_id,
             flags: s.flags,
@@ -555,10 +552,10 @@ pub(crate) mod tests {
     }
 
     /// A summary decode yields every span field a full decode does except
-    /// attributes, events and links, so rules that read none of those see
-    /// the same span either way.
+    /// attributes, events, links and the IDs, so rules that read no
+    /// attributes see the same span either way (they read neither ID).
     #[test]
-    fn summary_is_the_span_without_attributes_events_and_links() {
+    fn summary_is_the_span_without_attributes_events_links_and_ids() {
         use opentelemetry_proto::tonic::trace::v1::{Status, span};
         let mut full = span(1, 2, Some(1));
         full.trace_state = "ot=rv:0123456789abcd".into();
@@ -586,6 +583,8 @@ pub(crate) mod tests {
         let (decoded, failed) = decode(fragments, Detail::Summary);
         assert_eq!(failed, 0);
         let expected = Span {
+            trace_id: Vec::new(),
+            span_id: Vec::new(),
             attributes: Vec::new(),
             dropped_attributes_count: 0,
             events: Vec::new(),
