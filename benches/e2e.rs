@@ -7,7 +7,7 @@
 //! cargo bench -p tailgate-gateway --bench e2e -- --duration-secs 30 --protocol http
 //! ```
 //!
-//! Options: `--smoke`, `--duration-secs S`, `--warm-up-secs S`, `--gateways 1,3`,
+//! Options: `--smoke`, `--duration-secs S`, `--latency-secs S`, `--warm-up-secs S`, `--gateways 1,3`,
 //! `--connections K`, `--protocol grpc|http`, `--rules FILE`,
 //! `--compression lz4|zstd|none`, `--memory-spans N`, `--stand-in-nice N`.
 
@@ -40,6 +40,9 @@ fn plan() -> Plan {
     };
     if let Some(s) = value("--duration-secs") {
         plan.duration = Duration::from_secs_f64(s.parse().expect("--duration-secs"));
+    }
+    if let Some(s) = value("--latency-secs") {
+        plan.latency_duration = Some(Duration::from_secs_f64(s.parse().expect("--latency-secs")));
     }
     if let Some(s) = value("--warm-up-secs") {
         plan.warm_up = Duration::from_secs_f64(s.parse().expect("--warm-up-secs"));

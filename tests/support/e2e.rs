@@ -37,8 +37,13 @@ use tailgate_ingester::compression::Compression;
 pub struct Plan {
     /// Cluster sizes, one setup each.
     pub gateways: Vec<usize>,
-    /// Length of each load phase.
+    /// Length of the capacity phase's window (and of the latency phase,
+    /// unless `latency_duration` says otherwise).
     pub duration: Duration,
+    /// Length of the latency phase: a longer one holds more of the broker's
+    /// occasional stalls (such as its write-ahead log rolling over) in
+    /// their real proportion.
+    pub latency_duration: Option<Duration>,
     /// Full-rate load before the capacity phase's measurement window, so
     /// the buffer holds `decision_wait` of spans and traces are decided as
     /// fast as they arrive: the window sees the steady state.
@@ -71,6 +76,7 @@ impl Plan {
         Self {
             gateways: vec![1, 3],
             duration: Duration::from_secs(20),
+            latency_duration: None,
             warm_up: Duration::from_secs(5),
             connections: 8,
             protocol: Protocol::Grpc,
@@ -101,6 +107,10 @@ impl Plan {
             },
             ..Self::full()
         }
+    }
+
+    fn latency_duration(&self) -> Duration {
+        self.latency_duration.unwrap_or(self.duration)
     }
 
     fn late_delay(&self) -> Duration {
@@ -516,15 +526,18 @@ async fn run_setup(
     let cpu0 = cpu(&nodes);
     let load = loadgen::run(
         batches.to_vec(),
-        // Passes of their own: the capacity phase's traces are decided already.
-        options(plan, &nodes, Some((capacity.rate / 2.0).max(1.0)), 1 << 32),
+        Options {
+            duration: plan.latency_duration(),
+            // Passes of their own: the capacity phase's traces are decided already.
+            ..options(plan, &nodes, Some((capacity.rate / 2.0).max(1.0)), 1 << 32)
+        },
     )
     .await;
     let offered = offered + load.spans_accepted + load.spans_rejected;
     let mut accounting = settle(&nodes, offered, patience).await;
     let half_load = Phase {
         spans: load.spans_accepted,
-        rate: load.spans_accepted as f64 / plan.duration.as_secs_f64(),
+        rate: load.spans_accepted as f64 / plan.latency_duration().as_secs_f64(),
         gateway_cpu: cpu(&nodes) - cpu0,
         load,
     };
@@ -638,11 +651,12 @@ impl fmt::Display for Report {
         writeln!(f, "machine: {}", self.machine)?;
         writeln!(
             f,
-            "load: {:?} through {} connections, {} s per phase (capacity after a {} s warm-up), {} spans per trace, {:.0} B per span, decision_wait {} s",
+            "load: {:?} through {} connections, capacity for {} s after a {} s warm-up, latency for {} s, {} spans per trace, {:.0} B per span, decision_wait {} s",
             p.protocol,
             p.connections,
             p.duration.as_secs_f64(),
             p.warm_up.as_secs_f64(),
+            p.latency_duration().as_secs_f64(),
             p.workload.spans_per_trace,
             self.bytes_per_span,
             p.decision_wait.as_secs_f64()
