@@ -325,17 +325,19 @@ pub fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
     lower
 }
 
-/// Waits until the gateways have decided and confirmed or dropped every
-/// span offered so far (`offered` = accepted + rejected in partial
-/// success); returns what they counted.
-/// Polls the row count until it reaches `want`, or `PATIENCE` passes; the count.
+/// Polls the row count until it reaches `want`, or until `PATIENCE` passes
+/// without a new row (after a long latency phase the ingester, at a low
+/// priority, may have minutes of kept traces to catch up on); the count.
 async fn rows_at_least(ch: &ClickHouse, count: &str, want: u64) -> u64 {
-    let deadline = Instant::now() + PATIENCE;
+    let (mut last, mut deadline) = (0, Instant::now() + PATIENCE);
     loop {
         let rows = match ch.try_query(count).await {
             Ok(r) => r.trim().parse().unwrap_or(0),
             Err(e) => panic!("{count}: {e}"),
         };
+        if rows > last {
+            (last, deadline) = (rows, Instant::now() + PATIENCE);
+        }
         if rows >= want || Instant::now() >= deadline {
             return rows;
         }
@@ -343,6 +345,9 @@ async fn rows_at_least(ch: &ClickHouse, count: &str, want: u64) -> u64 {
     }
 }
 
+/// Waits until the gateways have decided and confirmed or dropped every
+/// span offered so far (`offered` = accepted + rejected in partial
+/// success); returns what they counted.
 async fn settle(nodes: &[&Tailgate], offered: u64, patience: Duration) -> Accounting {
     let deadline = Instant::now() + patience;
     loop {
