@@ -9,7 +9,7 @@
 //!
 //! Options: `--smoke`, `--duration-secs S`, `--latency-secs S`, `--warm-up-secs S`, `--gateways 1,3`,
 //! `--connections K`, `--protocol grpc|http`, `--rules FILE`,
-//! `--compression lz4|zstd|none`, `--memory-spans N`, `--stand-in-nice N`.
+//! `--compression lz4|zstd|none`, `--memory-spans N`, `--stand-in-nice N`, `--ingester-prefetch N`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -76,6 +76,9 @@ fn plan() -> Plan {
         // Named as in the configuration file.
         plan.compression = serde_json::from_value(serde_json::Value::String(c))
             .unwrap_or_else(|e| panic!("--compression lz4|zstd|none: {e}"));
+    }
+    if let Some(n) = value("--ingester-prefetch") {
+        plan.ingester_prefetch = n.parse().expect("--ingester-prefetch");
     }
     if let Some(n) = value("--stand-in-nice") {
         plan.stand_in_nice = n.parse().expect("--stand-in-nice");

@@ -68,6 +68,11 @@ pub struct Plan {
     /// priority they take the cores only when the pipeline under test
     /// leaves them idle. 0 runs them like everything else.
     pub stand_in_nice: i32,
+    /// The ingester's `rabbitmq.prefetch`: messages per insert at most.
+    /// The chDB stand-in pays a lot per insert; with the default (256) it
+    /// fell behind the kept spans at half load, and the broker held the
+    /// backlog.
+    pub ingester_prefetch: u16,
 }
 
 impl Plan {
@@ -88,6 +93,7 @@ impl Plan {
             memory_spans: 1_000_000,
             decode_time: Duration::from_secs(3),
             stand_in_nice: 19,
+            ingester_prefetch: 2048,
         }
     }
 
@@ -462,7 +468,14 @@ async fn run_setup(
         nice: plan.stand_in_nice,
         ..Ingest::new(&exchange)
     };
-    let ingester = ingest.start(&exchange, ch, &[]).await;
+    let prefetch = plan.ingester_prefetch.to_string();
+    let ingester = ingest
+        .start(
+            &exchange,
+            ch,
+            &[("TAILGATE_RABBITMQ__PREFETCH", prefetch.as_str())],
+        )
+        .await;
     let ingester_cpu0 = procfs::cpu(ingester.pid()).expect("ingester CPU");
     let stand_ins_nice: Vec<i32> = std::iter::once(ingester.pid())
         .chain(ch.pid())
@@ -677,8 +690,8 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "ingester and ClickHouse engine at nice {}",
-            p.stand_in_nice
+            "ingester and ClickHouse engine at nice {}; the ingester inserts up to {} messages at a time",
+            p.stand_in_nice, p.ingester_prefetch
         )?;
         writeln!(
             f,
