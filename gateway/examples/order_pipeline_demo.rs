@@ -19,7 +19,7 @@ use lapin::{
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{collections::BTreeMap, time::Duration};
-use tailgate_ingester::compression::Compression;
+use tailgate_ingester::compression::message_body;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -179,9 +179,7 @@ async fn main() {
             _ => "?".into(),
         };
         // Bodies are compressed as `content_encoding` says (rabbitmq.compression).
-        let encoding = delivery.properties.content_encoding().as_ref();
-        let body = Compression::from_content_encoding(encoding.map(|e| e.as_str()))
-            .and_then(|c| c.decompress(&delivery.data))
+        let body = message_body(&delivery.properties, &delivery.data)
             .expect("a body the gateway compressed");
         let body = ExportTraceServiceRequest::decode(&*body).unwrap();
         let spans: usize = body

@@ -154,6 +154,17 @@ impl Compression {
     }
 }
 
+/// The OTLP protobuf of a delivered message: its body decompressed as its
+/// AMQP `content_encoding` says. What the ingester, the tests and the demo
+/// consumer all read.
+pub fn message_body<'a>(
+    properties: &lapin::BasicProperties,
+    body: &'a [u8],
+) -> Result<Cow<'a, [u8]>, BodyError> {
+    let encoding = properties.content_encoding().as_ref().map(|e| e.as_str());
+    Compression::from_content_encoding(encoding)?.decompress(body)
+}
+
 /// Reads to the end, but stops one byte past `max`: enough to tell a body
 /// at the limit from one beyond it.
 fn read_at_most(r: impl Read, size_hint: usize, max: usize) -> std::io::Result<Vec<u8>> {
@@ -193,6 +204,24 @@ mod tests {
             assert_eq!(read, c);
             assert_eq!(read.decompress(&packed).unwrap(), body());
         }
+    }
+
+    /// A delivery's body is read as its properties' `content_encoding` says:
+    /// compressed, plain (without a copy), or refused for an unknown name.
+    #[test]
+    fn message_body_follows_the_delivery_properties() {
+        use lapin::{BasicProperties, types::ShortString};
+        let (_, packed) = Compression::Lz4.compress(body());
+        let lz4 = BasicProperties::default().with_content_encoding(ShortString::from("lz4"));
+        assert_eq!(message_body(&lz4, &packed).unwrap(), body());
+        let plain = body();
+        let read = message_body(&BasicProperties::default(), &plain).unwrap();
+        assert!(matches!(read, Cow::Borrowed(b) if b == plain.as_slice()));
+        let gzip = BasicProperties::default().with_content_encoding(ShortString::from("gzip"));
+        assert!(matches!(
+            message_body(&gzip, &plain),
+            Err(BodyError::UnknownEncoding(e)) if e == "gzip"
+        ));
     }
 
     /// Messages without an encoding, or `identity`, are plain protobuf;

@@ -8,7 +8,7 @@
 //! only then acknowledged, with one `multiple` ack.
 
 use crate::{
-    compression::Compression,
+    compression::message_body,
     config::IngesterConfig,
     metrics::Metrics,
     rows::{Sampling, SpanRow, rows},
@@ -193,10 +193,7 @@ fn message_rows(
     id: &str,
     cfg: &IngesterConfig,
 ) -> Result<(Vec<SpanRow>, usize), String> {
-    let encoding = d.properties.content_encoding().as_ref().map(|e| e.as_str());
-    let body = Compression::from_content_encoding(encoding)
-        .and_then(|c| c.decompress(&d.data))
-        .map_err(|e| e.to_string())?;
+    let body = message_body(&d.properties, &d.data).map_err(|e| e.to_string())?;
     let rows =
         rows(&body, id, &sampling(&d.properties), &cfg.retention).map_err(|e| e.to_string())?;
     Ok((rows, body.len()))

@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 use std::net::SocketAddr;
-use tailgate_ingester::compression::Compression;
+use tailgate_ingester::compression::message_body;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -167,9 +167,7 @@ impl TestQueue {
             .ok()??
             .expect("delivery");
         let props = &delivery.properties;
-        let content_encoding = props.content_encoding().as_ref().map(|e| e.to_string());
-        let body = Compression::from_content_encoding(content_encoding.as_deref())
-            .and_then(|c| c.decompress(&delivery.data))
+        let body = message_body(props, &delivery.data)
             .expect("message body decompresses as its content_encoding says");
         Some(Received {
             routing_key: delivery.routing_key.to_string(),
@@ -183,7 +181,7 @@ impl TestQueue {
                 .as_ref()
                 .map(|s| s.to_string())
                 .unwrap_or_default(),
-            content_encoding,
+            content_encoding: props.content_encoding().as_ref().map(|e| e.to_string()),
             persistent: *props.delivery_mode() == Some(2),
             headers: props.headers().clone().unwrap_or_default(),
             request: ExportTraceServiceRequest::decode(&*body)
