@@ -124,8 +124,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let rerouter = {
         let pipeline = Arc::clone(&pipeline);
         tokio::spawn(async move {
-            while let Some(batches) = rerouted.recv().await {
-                pipeline.reroute(batches);
+            while let Some(spans) = rerouted.recv().await {
+                pipeline.reroute(spans);
             }
         })
     };
@@ -239,8 +239,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         watcher.abort();
     }
     // Hand every buffered trace to its owner in the ring without this node,
-    // and wait for the deliveries; then decide whatever is still here
-    // (everything, for a node alone).
+    // and wait until the peers confirmed them; then decide whatever is still
+    // here (everything, for a node alone).
     pipeline.rebalance();
     let handed_off =
         tokio::time::timeout(cfg.shutdown_grace, pipeline.cluster().forwarder.drained())
@@ -251,6 +251,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             waiting_bytes = pipeline.cluster().forwarder.bytes(),
             "could not hand all buffered traces to peers within the grace period; deciding them here"
         );
+        pipeline.take_back_undelivered();
     }
     rebalancer.abort();
     rerouter.abort();
@@ -268,7 +269,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics.dropped(DropReason::ShutdownUnpublished, spans);
         error!(messages = outbox.messages(), spans, grace = ?cfg.shutdown_grace, "shutdown grace period over with kept traces unconfirmed by the broker; they are lost");
     }
-    pipeline.seal();
     let _ = peer_stop_tx.send(true);
     let _ = peer_server.await;
     let _ = admin_stop_tx.send(true);

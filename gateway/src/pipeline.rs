@@ -11,7 +11,9 @@
 use crate::{
     buffer::{Added, Buffer, Ticket, Trigger},
     cluster::{
-        Cluster, Owner, handed,
+        Cluster, Owner,
+        forward::Rerouted,
+        handed,
         peer::{Delivery, HandedDecision, Hello, PeerHandler},
         verdict,
     },
@@ -73,9 +75,8 @@ pub struct Pipeline {
     cluster: Cluster,
     max_buffer_bytes: usize,
     retry_after: Duration,
+    /// Set at shutdown: requests from clients and deliveries from peers are refused.
     closing: AtomicBool,
-    /// Set last at shutdown: deliveries from peers are refused too.
-    sealed: AtomicBool,
     /// How long decisions wait after a membership change (see `rebalance`).
     settle: Duration,
     /// Decisions are held until then.
@@ -106,7 +107,6 @@ impl Pipeline {
             max_buffer_bytes: cfg.buffer.max_buffer_bytes.get(),
             retry_after: cfg.receiver.retry_after,
             closing: AtomicBool::new(false),
-            sealed: AtomicBool::new(false),
             settle: 2 * (cfg.cluster.refresh + cfg.cluster.forward_flush),
             hold_until: std::sync::Mutex::new(None),
         }
@@ -181,8 +181,14 @@ impl Pipeline {
 
     /// Spans and decisions from a peer. Its spans are buffered here whoever
     /// owns them in this node's view: a delivery is never forwarded again.
+    ///
+    /// A node that is leaving refuses them: it has already told its peers,
+    /// and a peer that had not heard yet keeps the spans, retries, and routes
+    /// them to the new owner once it hears. Accepted here, they could arrive
+    /// after this node handed off its buffer, and be published apart from the
+    /// rest of their trace, or after the final flush, and be lost.
     pub fn deliver(&self, routed: Routed, decisions: &[HandedDecision]) -> Result<(), Refusal> {
-        if self.sealed.load(Ordering::Relaxed) {
+        if self.closing.load(Ordering::Relaxed) {
             return Err(Refusal::ShuttingDown {
                 retry_after: self.retry_after,
             });
@@ -204,10 +210,21 @@ impl Pipeline {
     }
 
     /// Routes again spans whose peer left before they were delivered.
-    pub fn reroute(&self, batches: Vec<TraceBatch>) {
+    pub fn reroute(&self, mut rerouted: Rerouted) {
         let now = Instant::now();
-        for batch in batches {
+        for batch in rerouted.batches.drain(..) {
             self.route(batch, now);
+        }
+    }
+
+    /// At a shutdown whose handoff ran out of time: takes the spans still
+    /// queued for peers back into this node's buffer, so that [`Self::close`]
+    /// decides them rather than the exit losing them.
+    pub fn take_back_undelivered(&self) {
+        let mut undelivered = self.cluster.forwarder.reclaim();
+        let now = Instant::now();
+        for batch in undelivered.batches.drain(..) {
+            self.buffer_here(batch, now);
         }
     }
 
@@ -288,11 +305,6 @@ impl Pipeline {
         &self.metrics
     }
 
-    /// Refuses peer deliveries from now on (the last step of a shutdown).
-    pub fn seal(&self) {
-        self.sealed.store(true, Ordering::Relaxed);
-    }
-
     fn decide(&self, ticket: Ticket, trigger: Trigger, now: Instant) {
         let Some(trace) = self.buffer.take(ticket) else {
             return;
@@ -324,7 +336,7 @@ impl Pipeline {
         self.update_gauges();
     }
 
-    /// Refuses requests from clients from now on.
+    /// Refuses requests from clients and deliveries from peers from now on.
     pub fn stop_accepting(&self) {
         self.closing.store(true, Ordering::Relaxed);
     }
@@ -530,6 +542,21 @@ mod tests {
         );
         assert!(matches!(refused, Err(Refusal::OutboxFull { .. })));
         assert!(p.is_shedding());
+    }
+
+    /// A leaving node refuses deliveries from peers (they keep the spans and
+    /// route them to the new owner), so none can land after its final flush.
+    #[tokio::test(start_paused = true)]
+    async fn a_leaving_node_refuses_deliveries() {
+        let (p, _, _) = pipeline(1 << 20, 1 << 20);
+        let delivery = || split_request(&request(vec![("a", vec![error_span(1)])]));
+        p.deliver(delivery(), &[]).unwrap();
+        p.stop_accepting();
+        assert!(matches!(
+            p.deliver(delivery(), &[]),
+            Err(Refusal::ShuttingDown { .. })
+        ));
+        assert_eq!(p.buffered_traces(), 1);
     }
 
     /// Closing decides every buffered trace, and later requests are refused.

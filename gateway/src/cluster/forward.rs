@@ -3,8 +3,12 @@
 //! One queue per peer, flushed every `forward_flush_secs` by one task per
 //! peer as a single compressed delivery. A failed delivery stays queued and
 //! is retried with backoff; if the peer drops out of the ring meanwhile, its
-//! queued spans are routed again (to the new owner, maybe this node). Queued
-//! bytes are bounded: past `forward_max_bytes`, receivers push back.
+//! queued spans are routed again (to the new owner, maybe this node).
+//!
+//! Pending bytes (queued, in flight, or on their way to be routed again) are
+//! bounded: past `forward_max_bytes`, receivers push back. They count until
+//! the peer confirmed them, so a leaving node that waits for [`Forwarder::drained`]
+//! does not exit with a delivery still on the wire.
 
 use super::{
     membership::Membership,
@@ -43,13 +47,15 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
     queues: Mutex<HashMap<PeerId, Queue>>,
     delivered: Mutex<HashMap<PeerId, Delivered>>,
+    /// Queued, in flight, or being routed again: released only once a peer
+    /// confirmed the delivery or the spans were routed again.
     bytes: AtomicUsize,
     max_bytes: usize,
     flush: Duration,
     /// How long a delivered span may stay undecided at its owner.
     holding: Duration,
     /// Spans whose peer left the ring, to be routed again.
-    reroute: mpsc::UnboundedSender<Vec<TraceBatch>>,
+    reroute: mpsc::UnboundedSender<Rerouted>,
     drained: Notify,
 }
 
@@ -58,6 +64,22 @@ impl std::fmt::Debug for Forwarder {
         f.debug_struct("Forwarder")
             .field("bytes", &self.bytes())
             .finish()
+    }
+}
+
+/// Spans taken off the forwarder to be routed again (their peer left) or
+/// kept here (a shutdown's handoff ran out of time). Their bytes stay
+/// pending in the forwarder until this is dropped, that is, until they
+/// have been routed.
+pub struct Rerouted {
+    pub batches: Vec<TraceBatch>,
+    forwarder: Arc<Forwarder>,
+    bytes: usize,
+}
+
+impl Drop for Rerouted {
+    fn drop(&mut self) {
+        self.forwarder.release(self.bytes);
     }
 }
 
@@ -71,7 +93,7 @@ impl Forwarder {
         max_bytes: usize,
         flush: Duration,
         holding: Duration,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Vec<TraceBatch>>) {
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Rerouted>) {
         let (reroute, rerouted) = mpsc::unbounded_channel();
         let f = Arc::new(Self {
             membership,
@@ -134,7 +156,14 @@ impl Forwarder {
         }
     }
 
-    /// Resolves once nothing is queued for any peer.
+    /// Marks `bytes` as delivered (or routed again).
+    fn release(&self, bytes: usize) {
+        if bytes > 0 && self.bytes.fetch_sub(bytes, Ordering::Relaxed) == bytes {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Resolves once nothing is queued for, or on its way to, any peer.
     pub async fn drained(&self) {
         loop {
             let notified = self.drained.notified();
@@ -145,14 +174,14 @@ impl Forwarder {
         }
     }
 
-    /// Takes what is queued for `peer` (its delivery record stays).
+    /// Takes what is queued for `peer` (its delivery record stays); its
+    /// bytes stay pending until released.
     fn take(&self, peer: &PeerId) -> (Vec<TraceBatch>, Vec<HandedDecision>, usize) {
         let mut queues = self.queues();
         let Some(q) = queues.get_mut(peer) else {
             return (Vec::new(), Vec::new(), 0);
         };
         let bytes = std::mem::take(&mut q.bytes);
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
         (
             std::mem::take(&mut q.batches),
             std::mem::take(&mut q.decisions),
@@ -175,7 +204,24 @@ impl Forwarder {
         q.batches = batches;
         q.decisions = decisions;
         q.bytes += bytes;
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Takes every queued span back (decisions are dropped: this node is
+    /// leaving and will decide the spans itself). Deliveries already on the
+    /// wire are not recalled.
+    pub fn reclaim(self: &Arc<Self>) -> Rerouted {
+        let mut batches = Vec::new();
+        let mut bytes = 0;
+        for q in self.queues().values_mut() {
+            batches.append(&mut q.batches);
+            q.decisions.clear();
+            bytes += std::mem::take(&mut q.bytes);
+        }
+        Rerouted {
+            batches,
+            forwarder: Arc::clone(self),
+            bytes,
+        }
     }
 
     fn delivered(&self) -> MutexGuard<'_, HashMap<PeerId, Delivered>> {
@@ -225,9 +271,6 @@ impl Forwarder {
             tokio::time::sleep(self.flush).await;
             let (batches, decisions, bytes) = self.take(&peer);
             if bytes == 0 {
-                if self.bytes() == 0 {
-                    self.drained.notify_waiters();
-                }
                 if self.retire_if_gone(&peer) {
                     return;
                 }
@@ -236,7 +279,15 @@ impl Forwarder {
             if !self.membership.ring().contains(&peer) {
                 // The owner left: its spans go to whoever owns them now;
                 // decisions are handed off again by the rebalance.
-                let _ = self.reroute.send(batches);
+                let decision_bytes = decisions.len() * DECISION_BYTES;
+                self.release(decision_bytes);
+                let rerouted = Rerouted {
+                    batches,
+                    forwarder: Arc::clone(&self),
+                    bytes: bytes - decision_bytes,
+                };
+                // Fails only when the node is gone; dropping releases the bytes.
+                let _ = self.reroute.send(rerouted);
                 continue;
             }
             let spans: usize = batches.iter().map(|b| b.span_count).sum();
@@ -256,6 +307,7 @@ impl Forwarder {
                 Ok(()) => {
                     self.metrics.forwarded(&peer, spans, bytes);
                     self.record_delivery(&peer, spans);
+                    self.release(bytes);
                     backoff = self.flush;
                 }
                 Err(error) => {
@@ -267,5 +319,140 @@ impl Forwarder {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cluster::peer::{Hello, PeerHandler, PeerService},
+        route::tests::{request, span, split_request},
+    };
+    use futures_util::FutureExt;
+    use std::sync::mpsc as blocking;
+    use tokio::net::TcpListener;
+
+    /// A peer that reports each delivery as it arrives and answers it only
+    /// when the test says so.
+    struct HeldPeer {
+        arrived: mpsc::UnboundedSender<usize>,
+        release: Mutex<blocking::Receiver<()>>,
+    }
+
+    impl PeerHandler for HeldPeer {
+        fn hello(&self, hello: Hello) -> Hello {
+            hello
+        }
+        fn deliver(&self, delivery: Delivery) -> Result<(), tonic::Status> {
+            let _ = self.arrived.send(delivery.spans.len());
+            let release = self.release.lock().unwrap();
+            tokio::task::block_in_place(|| release.recv()).unwrap();
+            Ok(())
+        }
+    }
+
+    fn forwarder(peer: &str) -> (Arc<Forwarder>, mpsc::UnboundedReceiver<Rerouted>) {
+        let metrics = Arc::new(Metrics::new());
+        let membership = Arc::new(Membership::new(
+            "127.0.0.1:1".into(),
+            Vec::new(),
+            None,
+            Duration::from_secs(60),
+            Arc::clone(&metrics),
+        ));
+        // The peer greets: it is in the ring from now on.
+        membership.greeted(&Hello {
+            from: peer.into(),
+            leaving: false,
+        });
+        assert!(membership.ring().contains(peer));
+        Forwarder::new(
+            membership,
+            metrics,
+            1 << 20,
+            Duration::from_millis(1),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn batch(trace: u8) -> TraceBatch {
+        let mut routed = split_request(&request(vec![("shop-api", vec![span(trace, 1, None)])]));
+        routed.batches.remove(0)
+    }
+
+    /// A delivery on the wire still counts: `drained` (what a leaving node
+    /// waits for before it exits) resolves only once the peer confirmed it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drained_waits_for_the_delivery_on_the_wire() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = listener.local_addr().unwrap().to_string();
+        let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+        let (release, release_rx) = blocking::channel();
+        let service = PeerService::new(
+            Arc::new(HeldPeer {
+                arrived: arrived_tx,
+                release: Mutex::new(release_rx),
+            }),
+            1 << 20,
+        );
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let (forwarder, _rerouted) = forwarder(&peer);
+
+        forwarder.spans(&peer.as_str().into(), batch(1));
+        assert!(arrived.recv().await.unwrap() > 0);
+        assert!(forwarder.bytes() > 0, "in flight counts as pending");
+        assert!(
+            forwarder.drained().now_or_never().is_none(),
+            "drained while a delivery was unconfirmed"
+        );
+        release.send(()).unwrap();
+        forwarder.drained().await;
+        assert_eq!(forwarder.bytes(), 0);
+        server.abort();
+    }
+
+    /// Spans queued for a peer that left are handed back to be routed again,
+    /// and stay pending until they have been; the decisions queued with them
+    /// are released at once (the rebalance hands them off again).
+    #[tokio::test(start_paused = true)]
+    async fn spans_for_a_peer_that_left_stay_pending_until_rerouted() {
+        let peer = "127.0.0.1:2";
+        let (forwarder, mut rerouted) = forwarder(peer);
+        let id: PeerId = peer.into();
+        forwarder.spans(&id, batch(1));
+        forwarder.decisions(&id, vec![HandedDecision::default()]);
+        let queued = forwarder.bytes();
+        forwarder.membership.greeted(&Hello {
+            from: peer.into(),
+            leaving: true,
+        });
+        let spans = rerouted.recv().await.unwrap();
+        assert_eq!(spans.batches.len(), 1);
+        assert_eq!(forwarder.bytes(), queued - DECISION_BYTES);
+        assert!(forwarder.drained().now_or_never().is_none());
+        drop(spans);
+        forwarder.drained().await;
+    }
+
+    /// A shutdown that ran out of time takes back what is still queued:
+    /// every span comes back, and nothing stays pending once it is handled.
+    #[tokio::test(start_paused = true)]
+    async fn reclaim_takes_back_every_queued_span() {
+        let peer = "127.0.0.1:3";
+        let (forwarder, _rerouted) = forwarder(peer);
+        let id: PeerId = peer.into();
+        forwarder.spans(&id, batch(1));
+        forwarder.spans(&id, batch(2));
+        let back = forwarder.reclaim();
+        assert_eq!(back.batches.len(), 2);
+        assert!(forwarder.bytes() > 0);
+        drop(back);
+        assert_eq!(forwarder.bytes(), 0);
+        forwarder.drained().await;
     }
 }

@@ -11,8 +11,8 @@ pub mod membership;
 pub mod peer;
 pub mod ring;
 
-use crate::{config, decide::cache::Verdict, metrics::Metrics, route::TraceBatch};
-use forward::Forwarder;
+use crate::{config, decide::cache::Verdict, metrics::Metrics};
+use forward::{Forwarder, Rerouted};
 use membership::Membership;
 use peer::HandedDecision;
 use ring::PeerId;
@@ -40,7 +40,7 @@ impl Cluster {
         me: PeerId,
         metrics: Arc<Metrics>,
         holding: Duration,
-    ) -> (Self, mpsc::UnboundedReceiver<Vec<TraceBatch>>) {
+    ) -> (Self, mpsc::UnboundedReceiver<Rerouted>) {
         let membership = Arc::new(Membership::new(
             me,
             cfg.peers.clone(),
