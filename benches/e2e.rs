@@ -9,7 +9,8 @@
 //!
 //! Options: `--smoke`, `--duration-secs S`, `--latency-secs S`, `--warm-up-secs S`, `--gateways 1,3`,
 //! `--connections K`, `--protocol grpc|http`, `--rules FILE`,
-//! `--compression lz4|zstd|none`, `--memory-spans N`, `--stand-in-nice N`, `--ingester-prefetch N`.
+//! `--compression lz4|zstd|none`, `--memory-spans N`, `--stand-in-nice N`, `--ingester-prefetch N`,
+//! `--gateway-env KEY=VALUE` (repeatable: a `TAILGATE_*` setting for every gateway).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -76,6 +77,15 @@ fn plan() -> Plan {
         // Named as in the configuration file.
         plan.compression = serde_json::from_value(serde_json::Value::String(c))
             .unwrap_or_else(|e| panic!("--compression lz4|zstd|none: {e}"));
+    }
+    for (i, a) in args.iter().enumerate() {
+        if a == "--gateway-env" {
+            let setting = args.get(i + 1).expect("--gateway-env KEY=VALUE");
+            let (k, v) = setting
+                .split_once('=')
+                .unwrap_or_else(|| panic!("--gateway-env KEY=VALUE, not {setting}"));
+            plan.gateway_env.push((k.to_owned(), v.to_owned()));
+        }
     }
     if let Some(n) = value("--ingester-prefetch") {
         plan.ingester_prefetch = n.parse().expect("--ingester-prefetch");

@@ -73,6 +73,9 @@ pub struct Plan {
     /// fell behind the kept spans at half load, and the broker held the
     /// backlog.
     pub ingester_prefetch: u16,
+    /// More `TAILGATE_*` settings for every gateway, after the plan's own
+    /// (`--gateway-env KEY=VALUE`): for trying a setting without a new option.
+    pub gateway_env: Vec<(String, String)>,
 }
 
 impl Plan {
@@ -94,6 +97,7 @@ impl Plan {
             decode_time: Duration::from_secs(3),
             stand_in_nice: 19,
             ingester_prefetch: 2048,
+            gateway_env: Vec::new(),
         }
     }
 
@@ -417,16 +421,18 @@ fn options(plan: &Plan, nodes: &[&Tailgate], rate: Option<f64>, first_pass: u64)
     }
 }
 
-fn gateway_env(plan: &Plan) -> Vec<(&'static str, String)> {
-    let mut env = vec![
+/// A gateway's `TAILGATE_*` settings: the plan's, then `plan.gateway_env`,
+/// then `extra` (a later setting of the same key wins).
+fn gateway_env(plan: &Plan, extra: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
         (
-            "TAILGATE_BUFFER__DECISION_WAIT_SECS",
+            "TAILGATE_BUFFER__DECISION_WAIT_SECS".into(),
             plan.decision_wait.as_secs_f64().to_string(),
         ),
-        ("TAILGATE_CLUSTER__REFRESH_SECS", "0.2".into()),
-        ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "5".into()),
+        ("TAILGATE_CLUSTER__REFRESH_SECS".into(), "0.2".into()),
+        ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS".into(), "5".into()),
         (
-            "TAILGATE_RABBITMQ__COMPRESSION",
+            "TAILGATE_RABBITMQ__COMPRESSION".into(),
             // Named as in the configuration file.
             serde_json::to_value(plan.compression)
                 .ok()
@@ -435,13 +441,18 @@ fn gateway_env(plan: &Plan) -> Vec<(&'static str, String)> {
         ),
     ];
     if let Some(path) = &plan.rules {
-        env.push(("TAILGATE_RULES__FILE", path.to_string_lossy().into_owned()));
+        env.push((
+            "TAILGATE_RULES__FILE".into(),
+            path.to_string_lossy().into_owned(),
+        ));
     }
+    env.extend(plan.gateway_env.iter().cloned());
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
     env
 }
 
-fn start_gateway(exchange: &str, env: &[(&str, String)]) -> Tailgate {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+fn start_gateway(exchange: &str, env: &[(String, String)]) -> Tailgate {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Tailgate::start(&super::amqp_url(), exchange, &env)
 }
 
@@ -484,12 +495,10 @@ async fn run_setup(
 
     let mut gateways: Vec<Tailgate> = Vec::new();
     for i in 0..n {
-        let mut env = gateway_env(plan);
-        if i > 0 {
-            // Seeds are every node started before: greetings make them known to each other.
-            let seeds: Vec<String> = gateways.iter().map(|g| format!("\"{}\"", g.peer)).collect();
-            env.push(("TAILGATE_CLUSTER__PEERS", format!("[{}]", seeds.join(","))));
-        }
+        // Seeds are every node started before: greetings make them known to each other.
+        let seeds: Vec<String> = gateways.iter().map(|g| format!("\"{}\"", g.peer)).collect();
+        let peers = [("TAILGATE_CLUSTER__PEERS", format!("[{}]", seeds.join(",")))];
+        let env = gateway_env(plan, if i > 0 { &peers[..] } else { &[] });
         gateways.push(start_gateway(&exchange, &env));
     }
     let nodes: Vec<&Tailgate> = gateways.iter().collect();
@@ -592,9 +601,13 @@ async fn run_setup(
 /// resident memory before and after it buffers `plan.memory_spans` spans.
 async fn run_memory(plan: &Plan) -> MemoryReport {
     let exchange = unique("bench-mem");
-    let mut env = gateway_env(plan);
-    env.push(("TAILGATE_BUFFER__DECISION_WAIT_SECS", "3600".into()));
-    env.push(("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "7200".into()));
+    let env = gateway_env(
+        plan,
+        &[
+            ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "3600".into()),
+            ("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "7200".into()),
+        ],
+    );
     let gateway = start_gateway(&exchange, &env);
     let workload = Workload {
         late_share: 0.0,
@@ -693,6 +706,9 @@ impl fmt::Display for Report {
             "ingester and ClickHouse engine at nice {}; the ingester inserts up to {} messages at a time",
             p.stand_in_nice, p.ingester_prefetch
         )?;
+        for (k, v) in &p.gateway_env {
+            writeln!(f, "gateway setting: {k}={v}")?;
+        }
         writeln!(
             f,
             "raw prost decode of the same payloads (one thread, spans per CPU-second): measured before each setup and after its capacity phase; × raw decode is against their mean\n"
