@@ -205,7 +205,11 @@ pub struct RawRabbitmq {
     pub exchange: String,
     /// Bound on kept traces waiting for a publisher confirm.
     pub outbox_max_bytes: usize,
-    /// Most messages awaiting a publisher confirm at once.
+    /// Most messages awaiting a publisher confirm at once. The broker
+    /// confirms after its next disk sync, tens of milliseconds; a window
+    /// smaller than the kept traces of that long makes the publisher send
+    /// a few messages per confirm, each batch a hand-off to lapin's I/O
+    /// thread (see docs/performance.md, "Fixes").
     pub max_in_flight: usize,
     /// A confirm not received within this is treated as a lost connection.
     pub confirm_timeout_secs: u64,
@@ -221,7 +225,7 @@ impl Default for RawRabbitmq {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             exchange: "tailgate.traces".into(),
             outbox_max_bytes: 256 << 20,
-            max_in_flight: 256,
+            max_in_flight: 4096,
             confirm_timeout_secs: 30,
             max_backoff_secs: 10,
             compression: Compression::default(),
