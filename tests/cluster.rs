@@ -255,6 +255,72 @@ async fn scaling_up_and_down_never_splits_a_trace() {
     q.delete().await;
 }
 
+/// A node leaves while its only peer hangs (SIGSTOP): the handoff is never
+/// confirmed, so once `shutdown.grace_secs` is over the node exits anyway
+/// and counts every span it had on the wire as possibly lost
+/// (`shutdown_undelivered`, logged with the count) instead of dropping them
+/// silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leaving_node_counts_what_a_hung_peer_never_confirmed() {
+    let q = TestQueue::new("hung").await;
+    // The hung peer stays in the ring for the whole test, and traces stay
+    // buffered until the leave.
+    let settings = [
+        ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "60"),
+        ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "60"),
+        ("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "120"),
+        ("TAILGATE_SHUTDOWN__GRACE_SECS", "1"),
+    ];
+    let a = node(&q, &[], &settings);
+    let b = node(&q, &[&a], &settings);
+    converged(&[&a, &b], 2).await;
+    let traces = workload(95, 200);
+    send_traces(&[&b], &traces, &mut Rng(5)).await;
+    // b forwarded a's share and buffers its own.
+    let forwarded = a
+        .wait_metric("tailgate_cluster_delivered_spans_total", &[], 1.0)
+        .await;
+    let all_spans = (traces.len() * 3) as f64;
+    let mut own = b.metric("tailgate_buffer_traces", &[]).await * 3.0;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while own
+        + a.metric("tailgate_cluster_delivered_spans_total", &[])
+            .await
+        < all_spans
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b forwarded {forwarded} and buffers {own} of {all_spans} spans"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        own = b.metric("tailgate_buffer_traces", &[]).await * 3.0;
+    }
+    assert!(own > 0.0, "b owns some traces");
+
+    a.signal("STOP");
+    let (status, logs) = tokio::task::spawn_blocking(move || b.terminate_with_logs())
+        .await
+        .unwrap();
+    a.signal("CONT");
+    assert!(status.success(), "{status:?}\n{logs}");
+    let stranded = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("exiting with spans that no peer confirmed"))
+        })
+        .and_then(|l| l["fields"]["spans"].as_f64())
+        .unwrap_or_else(|| panic!("no count of unconfirmed spans in the logs:\n{logs}"));
+    assert_eq!(
+        stranded, own,
+        "every span handed to the hung peer is counted"
+    );
+    drop(a);
+    q.delete().await;
+}
+
 /// SIGKILL one of 3 nodes mid-stream: the others drop it within
 /// `peer_timeout_secs`, count what it may have taken with it, and route
 /// everything sent afterwards correctly.

@@ -21,6 +21,9 @@ pub enum DropReason {
     InvalidSpan,
     /// Kept, but still unconfirmed by the broker when the shutdown grace period ended.
     ShutdownUnpublished,
+    /// Bound for a peer, but unconfirmed by it when the shutdown grace
+    /// period ended (the peer may still have received some).
+    ShutdownUndelivered,
 }
 
 impl DropReason {
@@ -30,6 +33,7 @@ impl DropReason {
             DropReason::LateSpanOfDroppedTrace => "late_span_of_dropped_trace",
             DropReason::InvalidSpan => "invalid_span",
             DropReason::ShutdownUnpublished => "shutdown_unpublished",
+            DropReason::ShutdownUndelivered => "shutdown_undelivered",
         }
     }
 }

@@ -18,6 +18,9 @@ use tracing::{error, info};
 
 /// How often due traces are looked for. Decisions are late by at most this.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(10);
+/// How long the internal and admin servers may take to stop at the end of a
+/// shutdown, once everything is flushed.
+const SERVER_STOP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -257,6 +260,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     rerouter.abort();
     sweeper.abort();
     pipeline.close();
+    // Only after a handoff that ran out of time: spans on the wire to a peer
+    // that never confirmed them, or put back by a failed delivery since.
+    let stranded = pipeline.cluster().forwarder.pending_spans();
+    if stranded > 0 {
+        metrics.dropped(DropReason::ShutdownUndelivered, stranded);
+        error!(
+            spans = stranded,
+            "exiting with spans that no peer confirmed receiving; they may be lost"
+        );
+    }
     let waiting = outbox.messages();
     let drained = tokio::time::timeout(cfg.shutdown_grace, outbox.drained())
         .await
@@ -269,11 +282,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics.dropped(DropReason::ShutdownUnpublished, spans);
         error!(messages = outbox.messages(), spans, grace = ?cfg.shutdown_grace, "shutdown grace period over with kept traces unconfirmed by the broker; they are lost");
     }
+    // A graceful stop waits for every open connection to close, and a hung
+    // peer (or scraper) never closes its own: the calls still possible here
+    // are short (hellos, refused deliveries, scrapes), so wait briefly.
     let _ = peer_stop_tx.send(true);
-    let _ = peer_server.await;
     let _ = admin_stop_tx.send(true);
-    let _ = admin.await;
+    stopped_within(SERVER_STOP, "cluster", peer_server).await;
+    stopped_within(SERVER_STOP, "admin", admin).await;
     failure.flatten().map_or(Ok(()), Err)
+}
+
+/// Waits up to `limit` for a server told to stop; past it, leaves it to the exit.
+async fn stopped_within<T>(limit: Duration, what: &str, server: JoinHandle<T>) {
+    if tokio::time::timeout(limit, server).await.is_err() {
+        error!(
+            "the {what} server still had open connections {limit:?} after it was told to stop; exiting anyway"
+        );
+    }
 }
 
 fn pipeline_metrics_lost(pipeline: &Pipeline, peer: &PeerId, spans: usize) {

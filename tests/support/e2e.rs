@@ -378,6 +378,7 @@ async fn settle(nodes: &[&Tailgate], offered: u64, patience: Duration) -> Accoun
             "late_span_of_dropped_trace",
             "invalid_span",
             "shutdown_unpublished",
+            "shutdown_undelivered",
         ]
         .into_iter()
         .map(|reason| {

@@ -236,20 +236,28 @@ impl Tailgate {
     }
 
     /// Sends SIGTERM and waits for the process to exit.
-    pub fn terminate(mut self) -> ExitStatus {
+    pub fn terminate(self) -> ExitStatus {
+        self.terminate_with_logs().0
+    }
+
+    /// Sends SIGTERM, waits for the process to exit, and returns its logs too.
+    pub fn terminate_with_logs(mut self) -> (ExitStatus, String) {
         let mut child = self.child.take().expect("running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        send_signal(child.id(), "TERM");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(child.wait());
         });
-        rx.recv_timeout(PATIENCE)
+        let status = rx
+            .recv_timeout(PATIENCE)
             .unwrap_or_else(|_| panic!("tailgate did not exit after SIGTERM\n{}", self.logs()))
-            .expect("wait")
+            .expect("wait");
+        (status, self.logs())
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the running process.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.child.as_ref().expect("running").id(), signal);
     }
 
     /// SIGKILL: the process dies at once, whatever it was doing.
@@ -259,6 +267,14 @@ impl Tailgate {
             child.wait().expect("wait");
         }
     }
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// `name{labels}` summed over several nodes (each scraped once).

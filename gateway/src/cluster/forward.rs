@@ -50,6 +50,9 @@ pub struct Forwarder {
     /// Queued, in flight, or being routed again: released only once a peer
     /// confirmed the delivery or the spans were routed again.
     bytes: AtomicUsize,
+    /// The spans in `bytes`: what a shutdown that cannot wait any longer
+    /// counts as possibly lost.
+    spans: AtomicUsize,
     max_bytes: usize,
     flush: Duration,
     /// How long a delivered span may stay undecided at its owner.
@@ -75,11 +78,12 @@ pub struct Rerouted {
     pub batches: Vec<TraceBatch>,
     forwarder: Arc<Forwarder>,
     bytes: usize,
+    spans: usize,
 }
 
 impl Drop for Rerouted {
     fn drop(&mut self) {
-        self.forwarder.release(self.bytes);
+        self.forwarder.release(self.bytes, self.spans);
     }
 }
 
@@ -101,6 +105,7 @@ impl Forwarder {
             queues: Mutex::default(),
             delivered: Mutex::default(),
             bytes: AtomicUsize::new(0),
+            spans: AtomicUsize::new(0),
             max_bytes,
             flush,
             holding,
@@ -119,6 +124,11 @@ impl Forwarder {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// Spans queued for peers or on the wire, not yet confirmed.
+    pub fn pending_spans(&self) -> usize {
+        self.spans.load(Ordering::Relaxed)
+    }
+
     pub fn is_full(&self) -> bool {
         self.bytes() >= self.max_bytes
     }
@@ -126,9 +136,9 @@ impl Forwarder {
     /// Queues spans for `peer`, starting its sender if it has none.
     pub fn spans(self: &Arc<Self>, peer: &PeerId, batch: TraceBatch) {
         self.push(peer, |q| {
-            let bytes = batch.bytes;
+            let counted = (batch.bytes, batch.span_count);
             q.batches.push(batch);
-            bytes
+            counted
         });
     }
 
@@ -137,16 +147,18 @@ impl Forwarder {
         self.push(peer, |q| {
             let bytes = decisions.len() * DECISION_BYTES;
             q.decisions.extend(decisions);
-            bytes
+            (bytes, 0)
         });
     }
 
-    fn push(self: &Arc<Self>, peer: &PeerId, add: impl FnOnce(&mut Queue) -> usize) {
+    /// Adds to `peer`'s queue; `add` returns the bytes and spans it added.
+    fn push(self: &Arc<Self>, peer: &PeerId, add: impl FnOnce(&mut Queue) -> (usize, usize)) {
         let mut queues = self.queues();
         let start = !queues.contains_key(peer);
         let q = queues.entry(peer.clone()).or_default();
-        let bytes = add(q);
+        let (bytes, spans) = add(q);
         q.bytes += bytes;
+        self.spans.fetch_add(spans, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         drop(queues);
         if start {
@@ -156,8 +168,9 @@ impl Forwarder {
         }
     }
 
-    /// Marks `bytes` as delivered (or routed again).
-    fn release(&self, bytes: usize) {
+    /// Marks `bytes` holding `spans` as delivered (or routed again).
+    fn release(&self, bytes: usize, spans: usize) {
+        self.spans.fetch_sub(spans, Ordering::Relaxed);
         if bytes > 0 && self.bytes.fetch_sub(bytes, Ordering::Relaxed) == bytes {
             self.drained.notify_waiters();
         }
@@ -217,10 +230,12 @@ impl Forwarder {
             q.decisions.clear();
             bytes += std::mem::take(&mut q.bytes);
         }
+        let spans = batches.iter().map(|b| b.span_count).sum();
         Rerouted {
             batches,
             forwarder: Arc::clone(self),
             bytes,
+            spans,
         }
     }
 
@@ -276,21 +291,22 @@ impl Forwarder {
                 }
                 continue;
             }
+            let spans: usize = batches.iter().map(|b| b.span_count).sum();
             if !self.membership.ring().contains(&peer) {
                 // The owner left: its spans go to whoever owns them now;
                 // decisions are handed off again by the rebalance.
                 let decision_bytes = decisions.len() * DECISION_BYTES;
-                self.release(decision_bytes);
+                self.release(decision_bytes, 0);
                 let rerouted = Rerouted {
                     batches,
                     forwarder: Arc::clone(&self),
                     bytes: bytes - decision_bytes,
+                    spans,
                 };
                 // Fails only when the node is gone; dropping releases the bytes.
                 let _ = self.reroute.send(rerouted);
                 continue;
             }
-            let spans: usize = batches.iter().map(|b| b.span_count).sum();
             let delivery = Delivery {
                 from: self.membership.me().to_string(),
                 spans: route::encode(batches.iter().flat_map(|b| &b.fragments)).into(),
@@ -307,7 +323,7 @@ impl Forwarder {
                 Ok(()) => {
                     self.metrics.forwarded(&peer, spans, bytes);
                     self.record_delivery(&peer, spans);
-                    self.release(bytes);
+                    self.release(bytes, spans);
                     backoff = self.flush;
                 }
                 Err(error) => {
@@ -406,6 +422,7 @@ mod tests {
         forwarder.spans(&peer.as_str().into(), batch(1));
         assert!(arrived.recv().await.unwrap() > 0);
         assert!(forwarder.bytes() > 0, "in flight counts as pending");
+        assert_eq!(forwarder.pending_spans(), 1);
         assert!(
             forwarder.drained().now_or_never().is_none(),
             "drained while a delivery was unconfirmed"
@@ -413,6 +430,7 @@ mod tests {
         release.send(()).unwrap();
         forwarder.drained().await;
         assert_eq!(forwarder.bytes(), 0);
+        assert_eq!(forwarder.pending_spans(), 0);
         server.abort();
     }
 
@@ -434,9 +452,11 @@ mod tests {
         let spans = rerouted.recv().await.unwrap();
         assert_eq!(spans.batches.len(), 1);
         assert_eq!(forwarder.bytes(), queued - DECISION_BYTES);
+        assert_eq!(forwarder.pending_spans(), 1);
         assert!(forwarder.drained().now_or_never().is_none());
         drop(spans);
         forwarder.drained().await;
+        assert_eq!(forwarder.pending_spans(), 0);
     }
 
     /// A shutdown that ran out of time takes back what is still queued:
@@ -451,8 +471,10 @@ mod tests {
         let back = forwarder.reclaim();
         assert_eq!(back.batches.len(), 2);
         assert!(forwarder.bytes() > 0);
+        assert_eq!(forwarder.pending_spans(), 2);
         drop(back);
         assert_eq!(forwarder.bytes(), 0);
+        assert_eq!(forwarder.pending_spans(), 0);
         forwarder.drained().await;
     }
 }
