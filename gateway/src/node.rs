@@ -124,12 +124,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             }
         })
     };
+    // Hands its channel back when told to stop, so that a shutdown whose
+    // handoff ran out of time can keep what is still waiting in it.
+    let (reroute_stop_tx, mut reroute_stop) = watch::channel(false);
     let rerouter = {
         let pipeline = Arc::clone(&pipeline);
         tokio::spawn(async move {
-            while let Some(spans) = rerouted.recv().await {
-                pipeline.reroute(spans);
+            loop {
+                tokio::select! {
+                    spans = rerouted.recv() => match spans {
+                        Some(spans) => pipeline.reroute(spans),
+                        None => break,
+                    },
+                    _ = reroute_stop.wait_for(|stop| *stop) => break,
+                }
             }
+            rerouted
         })
     };
 
@@ -249,20 +259,29 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tokio::time::timeout(cfg.shutdown_grace, pipeline.cluster().forwarder.drained())
             .await
             .is_ok();
+    let _ = reroute_stop_tx.send(true);
+    // Held until the count below: what lands in it later stays pending.
+    let mut rerouted = rerouter.await.ok();
     if !handed_off {
         error!(
             waiting_bytes = pipeline.cluster().forwarder.bytes(),
             "could not hand all buffered traces to peers within the grace period; deciding them here"
         );
-        pipeline.take_back_undelivered();
+        let mut waiting = Vec::new();
+        if let Some(rerouted) = rerouted.as_mut() {
+            while let Ok(spans) = rerouted.try_recv() {
+                waiting.push(spans);
+            }
+        }
+        pipeline.take_back_undelivered(waiting);
     }
     rebalancer.abort();
-    rerouter.abort();
     sweeper.abort();
     pipeline.close();
     // Only after a handoff that ran out of time: spans on the wire to a peer
-    // that never confirmed them, or put back by a failed delivery since.
+    // that never confirmed them, or put back or rerouted since.
     let stranded = pipeline.cluster().forwarder.pending_spans();
+    drop(rerouted);
     if stranded > 0 {
         metrics.dropped(DropReason::ShutdownUndelivered, stranded);
         error!(

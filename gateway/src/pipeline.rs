@@ -218,13 +218,16 @@ impl Pipeline {
     }
 
     /// At a shutdown whose handoff ran out of time: takes the spans still
-    /// queued for peers back into this node's buffer, so that [`Self::close`]
+    /// queued for peers, and `rerouted` (spans whose peer left, not yet
+    /// routed again), into this node's buffer, so that [`Self::close`]
     /// decides them rather than the exit losing them.
-    pub fn take_back_undelivered(&self) {
-        let mut undelivered = self.cluster.forwarder.reclaim();
+    pub fn take_back_undelivered(&self, rerouted: Vec<Rerouted>) {
         let now = Instant::now();
-        for batch in undelivered.batches.drain(..) {
-            self.buffer_here(batch, now);
+        let queued = self.cluster.forwarder.reclaim();
+        for mut spans in rerouted.into_iter().chain([queued]) {
+            for batch in spans.batches.drain(..) {
+                self.buffer_here(batch, now);
+            }
         }
     }
 
@@ -406,6 +409,21 @@ mod tests {
         max_buffer_bytes: usize,
         outbox_bytes: usize,
     ) -> (Pipeline, Arc<Outbox>, Arc<Metrics>) {
+        let (p, outbox, metrics, _) = pipeline_and_reroutes(max_buffer_bytes, outbox_bytes);
+        (p, outbox, metrics)
+    }
+
+    /// Also returns the channel of spans to route again, which a node's
+    /// rerouting task reads.
+    fn pipeline_and_reroutes(
+        max_buffer_bytes: usize,
+        outbox_bytes: usize,
+    ) -> (
+        Pipeline,
+        Arc<Outbox>,
+        Arc<Metrics>,
+        tokio::sync::mpsc::UnboundedReceiver<Rerouted>,
+    ) {
         let mut raw = RawConfig::default();
         raw.buffer.max_buffer_bytes = max_buffer_bytes;
         raw.receiver.max_request_bytes = max_buffer_bytes;
@@ -417,7 +435,7 @@ mod tests {
             cfg.policy.slow_threshold,
             cfg.policy.random_share,
         ));
-        let (cluster, _) = Cluster::new(
+        let (cluster, reroutes) = Cluster::new(
             &cfg.cluster,
             "127.0.0.1:4319".into(),
             Arc::clone(&metrics),
@@ -433,6 +451,7 @@ mod tests {
             ),
             outbox,
             metrics,
+            reroutes,
         )
     }
 
@@ -557,6 +576,43 @@ mod tests {
             Err(Refusal::ShuttingDown { .. })
         ));
         assert_eq!(p.buffered_traces(), 1);
+    }
+
+    /// A shutdown whose handoff ran out of time keeps spans that were
+    /// waiting to be routed again (their peer left) and decides them here:
+    /// nothing stays pending in the forwarder, and the kept trace is published.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_shutdown_keeps_spans_waiting_to_be_rerouted() {
+        let (p, outbox, _, mut reroutes) = pipeline_and_reroutes(1 << 20, 1 << 20);
+        let peer = "127.0.0.1:2";
+        let greet = |leaving| {
+            p.cluster().membership.greeted(&Hello {
+                from: peer.into(),
+                leaving,
+            })
+        };
+        greet(false);
+        let trace = (1..=u8::MAX)
+            .find(|t| {
+                p.cluster()
+                    .owner(&tailgate_sampling_rules::TraceId([*t; 16]))
+                    == Owner::Peer(peer.into())
+            })
+            .unwrap();
+        p.ingest(
+            split_request(&request(vec![("a", vec![error_span(trace)])])),
+            "test",
+        )
+        .unwrap();
+        assert_eq!(p.buffered_traces(), 0, "queued for its owner");
+        greet(true);
+        let waiting = reroutes.recv().await.unwrap();
+        assert_eq!(p.cluster().forwarder.pending_spans(), 1);
+        p.take_back_undelivered(vec![waiting]);
+        assert_eq!(p.buffered_traces(), 1);
+        assert_eq!(p.cluster().forwarder.pending_spans(), 0);
+        p.close();
+        assert_eq!(outbox.messages(), 1);
     }
 
     /// Closing decides every buffered trace, and later requests are refused.
