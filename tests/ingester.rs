@@ -150,6 +150,96 @@ fn aged(mut spans: Vec<OrderSpan>, days: u64) -> Vec<OrderSpan> {
     spans
 }
 
+/// A first deployment: ClickHouse has no `tailgate` database yet. The
+/// database context names a database that does not exist, which ClickHouse
+/// refuses for any statement (code 81), so `tailgate ingester migrate` must
+/// create it without one. It does, exits 0, and an ingester started without
+/// `migrate_on_start` then stores a kept trace there. (Every other test's
+/// ingester migrates a database of its own on start, the other way in.)
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_sets_up_a_fresh_clickhouse() {
+    let ch = ClickHouse::start();
+    let q = TestQueue::new("ing-fresh").await;
+    let names = Ingest::new(&q.exchange);
+    let db = names.db.as_str();
+    let exists = format!("SELECT count() FROM system.databases WHERE name = '{db}'");
+    assert_eq!(ch.number(&exists).await, 0.0);
+    let (status, code, _) = ch.request(&[("database", db)], &[], "SELECT 1").await;
+    assert_eq!((status, code.as_deref()), (404, Some("81")));
+
+    let env = names.env(&q.exchange, &ch, &[]);
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = Tailgate::run(&["ingester", "migrate"], &refs);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ch.number(&exists).await, 1.0);
+
+    let ing = names
+        .start(
+            &q.exchange,
+            &ch,
+            &[("TAILGATE_CLICKHOUSE__MIGRATE_ON_START", "false")],
+        )
+        .await;
+    let gw = keep_all_gateway(&q);
+    let spans = order_trace(trace_id(36, 1), 10, None);
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    ing.wait_metric("tailgate_ingester_inserted_rows_total", &[], 3.0)
+        .await;
+    let stored = format!("SELECT count() FROM {db}.otel_traces");
+    assert_eq!(ch.number(&stored).await, 3.0);
+    drop(gw);
+    drop(ing);
+    names.cleanup().await;
+    q.delete().await;
+}
+
+/// The test engine refuses what a real ClickHouse server refuses, with the
+/// same code and HTTP status (tests/support/clickhouse-http/README.md lists
+/// the sources): a database context naming a missing database, credentials
+/// the server does not know, and a setting it does not know. A request
+/// without a database context runs in `default`, never in the database of
+/// the request before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_clickhouse_engine_refuses_what_clickhouse_refuses() {
+    let ch = ClickHouse::start();
+    let current = "SELECT currentDatabase()";
+    let (status, code, body) = ch.request(&[("database", "nowhere")], &[], current).await;
+    assert_eq!((status, code.as_deref()), (404, Some("81")), "{body}");
+    assert!(body.contains("UNKNOWN_DATABASE"), "{body}");
+    let (status, code, body) = ch
+        .request(&[], &[("X-ClickHouse-Database", "nowhere")], current)
+        .await;
+    assert_eq!((status, code.as_deref()), (404, Some("81")), "{body}");
+
+    ch.query("CREATE DATABASE IF NOT EXISTS somewhere").await;
+    let (status, _, body) = ch.request(&[("database", "somewhere")], &[], current).await;
+    assert_eq!((status, body.trim()), (200, "somewhere"));
+    assert_eq!(ch.query(current).await.trim(), "default");
+
+    let wrong = [
+        ("X-ClickHouse-User", "default"),
+        ("X-ClickHouse-Key", "guess"),
+    ];
+    let (status, code, body) = ch.request(&[], &wrong, "SELECT 1").await;
+    assert_eq!((status, code.as_deref()), (403, Some("516")), "{body}");
+    let stranger = [("X-ClickHouse-User", "mallory")];
+    let (status, code, _) = ch.request(&[], &stranger, "SELECT 1").await;
+    assert_eq!((status, code.as_deref()), (403, Some("516")));
+
+    let (status, code, body) = ch
+        .request(&[("no_such_setting", "1")], &[], "SELECT 1")
+        .await;
+    assert_eq!((status, code.as_deref()), (404, Some("115")), "{body}");
+    let (status, _, body) = ch.request(&[("max_threads", "1")], &[], "SELECT 1").await;
+    assert_eq!((status, body.trim()), (200, "1"));
+}
+
 /// The TTL tests' start: short retention 30 days (the short class given by
 /// rule name), and one 20-day-old trace of each class stored through the
 /// whole pipeline.

@@ -72,8 +72,19 @@ fn trace_ids_ttl(r: &Retention) -> String {
     format!("Start + {}", retention_days(r, "RetentionClass"))
 }
 
-/// Every statement of `migrate`, in order. Each is idempotent; the last
-/// ones re-apply the TTLs from the configuration.
+/// The first statement of `migrate`. It must be sent without a database
+/// context: ClickHouse sets the context before it parses the query, and
+/// refuses one that names a missing database (code 81), even for this.
+pub fn create_database(cfg: &IngesterConfig) -> String {
+    format!(
+        "CREATE DATABASE IF NOT EXISTS {}",
+        Tables::new(cfg).database
+    )
+}
+
+/// The statements of `migrate` after [`create_database`], in order, each
+/// in the configured database. Each is idempotent; the last ones re-apply
+/// the TTLs from the configuration.
 pub fn statements(cfg: &IngesterConfig) -> Vec<String> {
     let t = Tables::new(cfg);
     let r = &cfg.retention;
@@ -83,7 +94,6 @@ pub fn statements(cfg: &IngesterConfig) -> Vec<String> {
         .map_or_else(String::new, |p| format!(", storage_policy = '{p}'"));
     let dedup_days = cfg.clickhouse.dedup_window_days;
     vec![
-        format!("CREATE DATABASE IF NOT EXISTS {}", t.database),
         format!(
             "CREATE TABLE IF NOT EXISTS {spans} (
     Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
@@ -206,10 +216,10 @@ mod tests {
     #[test]
     fn statements_are_idempotent_and_partitioned_by_class() {
         let s = statements(&RawIngesterConfig::default().validate().unwrap());
-        assert!(s.iter().take(6).all(|q| q.contains("IF NOT EXISTS")));
-        assert!(s[1].contains("PARTITION BY (toDate(Timestamp), RetentionClass)"));
-        assert!(s[2].contains("PARTITION BY (toDate(Start), RetentionClass)"));
-        assert!(s[1].contains("ttl_only_drop_parts = 1"));
-        assert!(s[6].starts_with("ALTER TABLE tailgate.otel_traces MODIFY TTL"));
+        assert!(s.iter().take(5).all(|q| q.contains("IF NOT EXISTS")));
+        assert!(s[0].contains("PARTITION BY (toDate(Timestamp), RetentionClass)"));
+        assert!(s[1].contains("PARTITION BY (toDate(Start), RetentionClass)"));
+        assert!(s[0].contains("ttl_only_drop_parts = 1"));
+        assert!(s[5].starts_with("ALTER TABLE tailgate.otel_traces MODIFY TTL"));
     }
 }

@@ -15,7 +15,7 @@
 use crate::{
     config::IngesterConfig,
     rows::SpanRow,
-    schema::{Tables, statements},
+    schema::{Tables, create_database, statements},
 };
 use clickhouse::Client;
 use serde::Deserialize;
@@ -26,13 +26,24 @@ use std::collections::HashSet;
 /// dropped because ClickHouse is down or refusing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    // The cause is in the message, not a `source`, so a report of the
+    // whole chain does not print it twice.
     #[error("ClickHouse: {0}")]
-    Clickhouse(#[from] clickhouse::error::Error),
+    Clickhouse(clickhouse::error::Error),
+}
+
+impl From<clickhouse::error::Error> for StoreError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        Self::Clickhouse(e)
+    }
 }
 
 #[derive(Clone)]
 pub struct Store {
+    /// Every statement but `CREATE DATABASE` runs in the configured database.
     client: Client,
+    /// No database context: for `CREATE DATABASE` only.
+    server: Client,
     tables: Tables,
 }
 
@@ -81,14 +92,14 @@ fn sql_string(s: &str) -> String {
 impl Store {
     pub fn new(cfg: &IngesterConfig) -> Self {
         let c = &cfg.clickhouse;
-        let client = Client::default()
+        let server = Client::default()
             .with_url(&c.url)
             .with_user(&c.user)
             .with_password(&c.password)
-            .with_database(&c.database)
             .with_compression(clickhouse::Compression::Lz4);
         Self {
-            client,
+            client: server.clone().with_database(&c.database),
+            server,
             tables: Tables::new(cfg),
         }
     }
@@ -99,6 +110,7 @@ impl Store {
 
     /// Creates or updates the schema; every statement is idempotent.
     pub async fn migrate(&self, cfg: &IngesterConfig) -> Result<(), StoreError> {
+        self.server.query(&create_database(cfg)).execute().await?;
         for sql in statements(cfg) {
             self.client.query(&sql).execute().await?;
         }

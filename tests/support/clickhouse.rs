@@ -87,6 +87,31 @@ impl ClickHouse {
         if ok { Ok(text) } else { Err(text) }
     }
 
+    /// Sends `sql` with the URL parameters `params` (`database=x`, a setting)
+    /// and `headers`, as a client would; returns the HTTP status, the
+    /// `X-ClickHouse-Exception-Code` header and the body.
+    pub async fn request(
+        &self,
+        params: &[(&str, &str)],
+        headers: &[(&str, &str)],
+        sql: &str,
+    ) -> (u16, Option<String>, String) {
+        let url = reqwest::Url::parse_with_params(&format!("{}/", self.url), params)
+            .expect("ClickHouse URL");
+        let mut req = reqwest::Client::new().post(url).body(sql.to_owned());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("ClickHouse request");
+        let status = resp.status().as_u16();
+        let code = resp
+            .headers()
+            .get("X-ClickHouse-Exception-Code")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        (status, code, resp.text().await.expect("ClickHouse answer"))
+    }
+
     /// Runs SQL; panics with ClickHouse's message on error.
     pub async fn query(&self, sql: &str) -> String {
         self.try_query(sql)

@@ -14,8 +14,14 @@ part of the HTTP protocol that the `clickhouse` Rust crate uses:
   `FORMAT`;
 - compressed responses (`compress=1`) in the same block framing with a
   CityHash128 checksum;
-- errors as HTTP 500 with the engine's `Code: N. DB::Exception: ...` text and
-  the `X-ClickHouse-Exception-Code` header.
+- errors with the engine's `Code: N. DB::Exception: ...` text, the
+  `X-ClickHouse-Exception-Code` header, and the HTTP status ClickHouse gives
+  that code.
+
+Where the real server refuses a request, so does this one (README.md beside
+this file lists each behaviour and the ClickHouse source it follows): a
+database context naming a missing database, unknown credentials, an unknown
+setting.
 
 Tests control it through `/__control` (JSON): `{"hold_inserts": true}` makes
 inserts execute but their answers wait until released (to kill a client
@@ -26,6 +32,7 @@ Usage: server.py --data DIR [--port 0]; prints "listening on HOST:PORT".
 """
 
 import argparse
+import base64
 import email.parser
 import email.policy
 import json
@@ -42,14 +49,30 @@ import lz4.block
 from chdb import session as chdb_session
 from clickhouse_cityhash.cityhash import CityHash128
 
+# URL parameters that ClickHouse's HTTP handler reads itself; every other
+# one is a setting (src/Server/HTTPHandler.cpp, `reserved_param_names`).
 RESERVED = {
     "query", "database", "default_format", "compress", "decompress", "user",
-    "password", "query_id", "session_id", "session_timeout", "wait_end_of_query",
+    "password", "quota_key", "query_id", "stacktrace", "role", "session_id",
+    "session_timeout", "session_check", "client_protocol_version",
+    "close_session", "buffer_size", "wait_end_of_query",
+}
+
+# exceptionCodeToHTTPStatus (src/Server/HTTP/exceptionCodeToHTTPStatus.cpp),
+# for the codes this engine can give; any other code is 500.
+HTTP_STATUS = {
+    194: 401,  # REQUIRED_PASSWORD
+    192: 403, 193: 403, 516: 403, 497: 403,  # UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED, ACCESS_DENIED
+    36: 400, 27: 400, 62: 400, 117: 400, 53: 400, 16: 400, 15: 400, 69: 400,  # BAD_ARGUMENTS, CANNOT_PARSE_TEXT, SYNTAX_ERROR, INCORRECT_DATA, TYPE_MISMATCH, NO_SUCH_COLUMN_IN_TABLE, DUPLICATE_COLUMN, ARGUMENT_OUT_OF_BOUND
+    60: 404, 46: 404, 47: 404, 50: 404, 56: 404, 81: 404, 115: 404, 73: 404,  # UNKNOWN_TABLE, _FUNCTION, _IDENTIFIER, _TYPE, _STORAGE, _DATABASE, _SETTING, _FORMAT
+    48: 501,  # NOT_IMPLEMENTED
 }
 METHOD_LZ4 = 0x82
 METHOD_NONE = 0x02
 
 STATE = {"hold_inserts": False, "down": False, "held": 0, "inserts": 0, "queries": 0}
+USERS = {"default": ""}  # a fresh server: user `default`, no password
+SETTINGS = frozenset()  # every setting name the engine knows, read at start
 STATE_LOCK = threading.Condition()
 ENGINE_LOCK = threading.Lock()  # chDB allows one data path per process: serialise.
 SESSION = None
@@ -128,17 +151,60 @@ INSERT_RE = re.compile(r"^\s*INSERT\s+INTO\s+(.+?)\s+FORMAT\s+(\w+)\s*$", re.I |
 
 
 def run(sql, fmt, database):
+    """Runs `sql` in `database`, as the server does: the context is set
+    before the query is parsed, so a missing database fails even a
+    `CREATE DATABASE` (code 81). Without a context, the user's default
+    database, `default`; never the previous request's."""
     with ENGINE_LOCK:
-        if database and database != "default":
-            try:
-                SESSION.query(f"USE `{database}`")
-            except Exception:  # the database may not exist yet (CREATE DATABASE)
-                SESSION.query("USE default")
         try:
+            SESSION.query(f"USE `{database or 'default'}`")
             result = SESSION.query(sql, fmt)
         except Exception as exc:  # chDB raises its own error type
             raise engine_error(exc) from None
     return result.bytes() if result is not None else b""
+
+
+def credentials(headers, params):
+    """The user and password, taken as ClickHouse's `authenticateUserByHTTP`
+    does: Basic authorization, the X-ClickHouse-User/-Key headers, or the
+    `user`/`password` parameters, and refused when mixed."""
+    header_user = headers.get("X-ClickHouse-User")
+    header_key = headers.get("X-ClickHouse-Key")
+    authorization = headers.get("Authorization")
+    param_user = params.get("user")
+    param_password = params.get("password")
+    given = [m for m, present in (
+        ("Authorization header", authorization is not None),
+        ("X-ClickHouse HTTP headers", header_user is not None or header_key is not None),
+        ("URL parameters", param_user is not None or param_password is not None),
+    ) if present]
+    if len(given) > 1:
+        raise ClickHouseError(516, "Code: 516. DB::Exception: Invalid authentication: it is not allowed "
+                              f"to use {given[0]} and {given[1]} simultaneously. (AUTHENTICATION_FAILED)")
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "basic":
+            raise ClickHouseError(516, "Code: 516. DB::Exception: Invalid authentication: "
+                                  f"'{scheme}' HTTP Authorization scheme is not supported. (AUTHENTICATION_FAILED)")
+        user, _, password = base64.b64decode(value).decode("utf-8", "replace").partition(":")
+        return user, password
+    if header_user is not None or header_key is not None:
+        return header_user or "default", header_key or ""
+    return param_user or "default", param_password or ""
+
+
+def authenticate(user, password):
+    if USERS.get(user) != password:
+        raise ClickHouseError(516, f"Code: 516. DB::Exception: {user}: Authentication failed: password is "
+                              "incorrect, or there is no user with such name. (AUTHENTICATION_FAILED)")
+
+
+def check_settings(settings):
+    for name in settings:
+        if name not in SETTINGS and not name.startswith("custom_"):
+            raise ClickHouseError(115, f"Code: 115. DB::Exception: Setting {name} is neither a builtin setting "
+                                  "nor started with the prefix 'custom_' registered for user-defined settings. "
+                                  "(UNKNOWN_SETTING)")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -207,17 +273,22 @@ class Handler(BaseHTTPRequestHandler):
                 params[name] = part.get_content() if isinstance(part.get_content(), str) else part.get_content().decode()
             body = b""
         try:
-            answer = self.execute(params, body)
+            authenticate(*credentials(self.headers, params))
+            answer = self.execute(params, body, self.headers.get("X-ClickHouse-Database"))
         except ClickHouseError as e:
-            return self.reply(500, (e.text + "\n").encode(), headers={"X-ClickHouse-Exception-Code": str(e.code)})
+            return self.reply(HTTP_STATUS.get(e.code, 500), (e.text + "\n").encode(),
+                              headers={"X-ClickHouse-Exception-Code": str(e.code)})
         if params.get("compress") == "1":
             answer = compress_blocks(answer)
         self.reply(200, answer, "application/octet-stream")
 
-    def execute(self, params, body):
-        database = params.get("database")
+    def execute(self, params, body, header_database):
+        # The header wins over the parameter, as in HTTPHandler::processQuery.
+        database = header_database or params.get("database")
         query_params = {k[len("param_"):]: v for k, v in params.items() if k.startswith("param_")}
         settings = {k: v for k, v in params.items() if k not in RESERVED and not k.startswith("param_")}
+        # Checked for every query; applied to inserts only (see README.md).
+        check_settings(settings)
         fmt = params.get("default_format") or "TabSeparated"
         if params.get("decompress") == "1" and body:
             body = decompress_blocks(body)
@@ -251,15 +322,21 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
-    global SESSION, TMPDIR
+    global SESSION, TMPDIR, SETTINGS
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD",
+                    help="a user the server accepts, instead of `default` without a password")
     args = ap.parse_args()
+    if args.user:
+        USERS.clear()
+        USERS.update(u.partition(":")[::2] for u in args.user)
     os.makedirs(args.data, exist_ok=True)
     TMPDIR = tempfile.mkdtemp(prefix="inserts-", dir=args.data)
     SESSION = chdb_session.Session(os.path.join(args.data, "chdb"))
+    SETTINGS = frozenset(SESSION.query("SELECT name FROM system.settings", "TabSeparated").bytes().decode().split())
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     host, port = server.server_address[:2]
