@@ -10,7 +10,7 @@ COPY . .
 # BuildKit cache mounts keep the registry and the build cache between builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p tailgate-gateway --bin tailgate \
+    cargo build --release --locked --bin tailgate \
     && install -D -m 0755 target/release/tailgate /out/tailgate
 
 # The Debian 12 glibc base the binary was built against, without a shell or

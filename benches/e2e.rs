@@ -1,10 +1,10 @@
-//! The end-to-end benchmark (declared in gateway/Cargo.toml, because it
-//! runs the `tailgate` binary): 1 and then 3 gateways and an ingester on
-//! loopback with the real RabbitMQ and the ClickHouse engine.
+//! The end-to-end benchmark (declared by the root `tailgate` package,
+//! because it runs the `tailgate` binary): 1 and then 3 gateways and an
+//! ingester on loopback with the real RabbitMQ and the ClickHouse engine.
 //!
 //! ```sh
-//! cargo bench -p tailgate-gateway --bench e2e
-//! cargo bench -p tailgate-gateway --bench e2e -- --duration-secs 30 --protocol http
+//! cargo bench --bench e2e
+//! cargo bench --bench e2e -- --duration-secs 30 --protocol http
 //! ```
 //!
 //! Options: `--smoke`, `--duration-secs S`, `--latency-secs S`, `--warm-up-secs S`, `--gateways 1,3`,
@@ -65,9 +65,9 @@ fn plan() -> Plan {
         };
     }
     if let Some(r) = value("--rules") {
-        // Cargo runs benchmarks in the package's directory; a path relative
-        // to the workspace root (as the docs give it) works too.
-        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        // Cargo runs benchmarks in the package's directory, the workspace
+        // root; a path relative to where the command was typed works too.
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let path = std::fs::canonicalize(&r)
             .or_else(|_| std::fs::canonicalize(workspace.join(&r)))
             .unwrap_or_else(|e| panic!("--rules {r}: {e}"));

@@ -613,7 +613,7 @@ async fn sigterm_flushes_buffered_traces() {
 #[test]
 fn check_config_validates_and_locates_errors() {
     let bin = env!("CARGO_BIN_EXE_tailgate");
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/gateway.yaml");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/examples/gateway.yaml");
     let ok = std::process::Command::new(bin)
         .args(["gateway", "--check-config", "--config", example])
         .output()
@@ -654,5 +654,60 @@ fn check_config_validates_and_locates_errors() {
         .unwrap();
     assert!(!env.status.success());
     assert!(String::from_utf8_lossy(&env.stderr).contains("TAILGATE_BUFFER__DECISION_WAIT_SECS"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `--check-config` reports every invalid value of a file in one run, each
+/// at its key's line and column, or naming the environment variable that
+/// set it; out-of-range values are refused, not raised. The settings it
+/// prints for a valid file show the broker URL without its password.
+#[test]
+fn check_config_lists_every_problem_and_hides_the_password() {
+    let bin = env!("CARGO_BIN_EXE_tailgate");
+    let dir = std::env::temp_dir().join(support::unique("config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.yaml");
+    std::fs::write(
+        &file,
+        "buffer:\n  decision_wait_secs: 5\n  trace_timeout_secs: 1\nrabbitmq:\n  url: amqp://tg:hunter2@rabbit:5672/%2f\n  confirm_timeout_secs: 0\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["gateway", "--check-config", "--config"])
+        .arg(&file)
+        .env("TAILGATE_CLUSTER__LISTEN", "nowhere")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let shown = file.display();
+    assert!(stderr.contains("3 problems"), "{stderr}");
+    for line in [
+        format!("{shown}:3:23: buffer.trace_timeout_secs: must not be shorter"),
+        format!("{shown}:6:25: rabbitmq.confirm_timeout_secs: must be at least 1, got 0"),
+        "environment variable TAILGATE_CLUSTER__LISTEN: cluster.listen:".to_owned(),
+    ] {
+        assert!(stderr.contains(&line), "no {line:?} in {stderr}");
+    }
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let valid = std::process::Command::new(bin)
+        .args(["gateway", "--check-config", "--config"])
+        .arg(&file)
+        .env("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "30")
+        .env("TAILGATE_RABBITMQ__CONFIRM_TIMEOUT_SECS", "30")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&valid.stdout);
+    assert!(
+        valid.status.success(),
+        "{}",
+        String::from_utf8_lossy(&valid.stderr)
+    );
+    assert!(
+        stdout.contains("amqp://tg:<redacted>@rabbit:5672/%2f"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"), "{stdout}");
     std::fs::remove_dir_all(dir).unwrap();
 }

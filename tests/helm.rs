@@ -13,11 +13,12 @@ use std::{
     process::Command,
     sync::OnceLock,
 };
-use tailgate_gateway::config::{ConfigFile, RawConfig};
+use tailgate_contract::config::{ConfigFile, Validate};
+use tailgate_gateway::config::RawConfig;
 use tailgate_ingester::config::RawIngesterConfig;
 use tailgate_sampling_rules::Rules;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The oldest Kubernetes the chart supports (Chart.yaml) and the newest the schemas know.
 const KUBERNETES: [&str; 2] = ["1.25.0", "1.37.0"];
 

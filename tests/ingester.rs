@@ -18,7 +18,7 @@ use support::{
     ingest::Ingest,
     otlp::{self, OrderSpan, hex, kv, order_trace, trace_id},
 };
-use tailgate_ingester::compression::Compression;
+use tailgate_contract::compression::Compression;
 
 /// A gateway that keeps every trace (rule `random` at 100%, adjusted count 1).
 fn keep_all_gateway(q: &TestQueue) -> Gateway {
@@ -550,4 +550,32 @@ async fn poison_messages_are_dead_lettered() {
     drop(ing);
     names.cleanup().await;
     q.delete().await;
+}
+
+/// `tailgate ingester --check-config` prints the settings in force without
+/// the ClickHouse password or the broker URL's password.
+#[test]
+fn ingester_check_config_hides_passwords() {
+    let out = Tailgate::run(
+        &["ingester", "--check-config"],
+        &[
+            ("TAILGATE_CLICKHOUSE__PASSWORD", "hunter2"),
+            (
+                "TAILGATE_RABBITMQ__URL",
+                "amqp://tg:swordfish@rabbit:5672/%2f",
+            ),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
+    assert!(stdout.contains("<redacted>"), "{stdout}");
+    assert!(
+        !stdout.contains("hunter2") && !stdout.contains("swordfish"),
+        "{stdout}"
+    );
 }

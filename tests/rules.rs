@@ -24,7 +24,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_tailgate");
 const SALT: (&str, &str) = ("TAILGATE_REDACT_SALT", "test-salt");
 
 fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 fn scratch(tag: &str) -> PathBuf {

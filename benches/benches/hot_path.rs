@@ -10,6 +10,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{hint::black_box, sync::Arc};
 use tailgate_benches::request;
+use tailgate_contract::config::Validate;
 use tailgate_gateway::{
     buffer::Buffer,
     cluster::{Cluster, ring::Ring},

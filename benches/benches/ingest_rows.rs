@@ -1,7 +1,7 @@
 //! The ingester's per-message work before the insert: decode a kept-trace
 //! message (one 10-span trace, as the gateway publishes it) and turn its
 //! spans into ClickHouse rows. The RowBinary encoding and the HTTP insert
-//! itself are measured end to end (`cargo bench -p tailgate-gateway --bench e2e`).
+//! itself are measured end to end (`cargo bench --bench e2e`).
 //! Also the message body's compression, both ends: the gateway compresses
 //! each kept trace once, the ingester decompresses it.
 
@@ -11,8 +11,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
 use std::hint::black_box;
 use tailgate_benches::request;
+use tailgate_contract::{compression::Compression, config::Validate};
 use tailgate_ingester::{
-    compression::Compression,
     config::RawIngesterConfig,
     rows::{Sampling, rows},
 };

@@ -1,41 +1,28 @@
 //! Gateway configuration.
 //!
-//! The YAML file is deserialized into [`RawConfig`] (unknown keys are
-//! errors, every key has a default), `TAILGATE_<SECTION>__<KEY>` environment
-//! variables are laid over it, and one pure function, [`RawConfig::validate`],
-//! turns it into the runtime [`Config`] with checked types (`Duration`,
-//! `NonZeroUsize`, `Probability`). Option names carry their unit.
+//! The YAML file is deserialized into [`RawConfig`] and loaded as every
+//! Tailgate file is ([`tailgate_contract::config`]: unknown keys are
+//! errors, every key has a default, `TAILGATE_<SECTION>__<KEY>` overrides).
+//! Its [`Validate`] impl turns it into the runtime [`Config`] with checked
+//! types (`Duration`, `NonZeroUsize`, `Probability`), reporting every
+//! problem at once. Option names carry their unit.
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use std::{net::SocketAddr, num::NonZeroUsize, path::Path, time::Duration};
-pub use tailgate_ingester::compression::Compression;
+use serde::{Deserialize, Serialize};
+use std::{net::SocketAddr, num::NonZeroUsize, time::Duration};
+pub use tailgate_contract::compression::Compression;
+use tailgate_contract::{
+    amqp::AmqpConfig,
+    backoff::Backoff,
+    config::{DefaultPort, Problems, RawAdmin, RawShutdown, Validate},
+};
 use tailgate_sampling_rules::{Probability, ProbabilityError};
 
-/// Prefix of environment variables that override configuration keys.
-pub const ENV_PREFIX: &str = "TAILGATE_";
-/// Separates the section from the key in an override: `TAILGATE_BUFFER__MAX_BUFFER_BYTES`.
-const ENV_SEPARATOR: &str = "__";
+/// The gateway's admin port, 8888.
+#[derive(Debug)]
+pub enum AdminPort {}
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("environment variable {var}: {message}")]
-    Env { var: String, message: String },
-    #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
-}
-
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
+impl DefaultPort for AdminPort {
+    const PORT: u16 = 8888;
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,7 +35,7 @@ pub struct RawConfig {
     pub decision_cache: RawDecisionCache,
     pub rabbitmq: RawRabbitmq,
     pub cluster: RawCluster,
-    pub admin: RawAdmin,
+    pub admin: RawAdmin<AdminPort>,
     pub shutdown: RawShutdown,
 }
 
@@ -233,34 +220,6 @@ impl Default for RawRabbitmq {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawAdmin {
-    /// Address of `/metrics`, `/healthz` and `/readyz`.
-    pub listen: String,
-}
-
-impl Default for RawAdmin {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:8888".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawShutdown {
-    /// After SIGTERM: longest wait for the outbox to drain before exiting.
-    pub grace_secs: u64,
-}
-
-impl Default for RawShutdown {
-    fn default() -> Self {
-        Self { grace_secs: 25 }
-    }
-}
-
 /// The validated configuration the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -324,224 +283,204 @@ pub struct DecisionCache {
 
 #[derive(Debug, Clone)]
 pub struct Rabbitmq {
-    pub url: String,
+    pub amqp: AmqpConfig,
     pub exchange: String,
     pub outbox_max_bytes: NonZeroUsize,
     pub max_in_flight: NonZeroUsize,
     pub confirm_timeout: Duration,
-    pub max_backoff: Duration,
+    /// Reconnects and republishes back off from [`Backoff::FIRST`] to `max_backoff_secs`.
+    pub backoff: Backoff,
     pub compression: Compression,
 }
 
-/// Loading for any configuration file of Tailgate (the gateway's, the
-/// ingester's): YAML with every key defaulted, then environment overrides.
-pub trait ConfigFile: Serialize + DeserializeOwned + Default {
-    /// Reads `path` (or the defaults when `None`) and applies the overrides
-    /// in `env`, which is `std::env::vars()` in production.
-    fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        let raw = match path {
-            None => Self::default(),
-            Some(path) => {
-                let shown = path.display().to_string();
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: shown.clone(),
-                    source,
-                })?;
-                Self::from_yaml(&text).map_err(|message| ConfigError::Parse {
-                    path: shown,
-                    message,
-                })?
-            }
-        };
-        raw.with_env_overrides(env)
-    }
+impl Validate for RawConfig {
+    type Valid = Config;
 
-    /// Parses YAML; the error names the line and column.
-    fn from_yaml(text: &str) -> Result<Self, String> {
-        if text.trim().is_empty() {
-            return Ok(Self::default());
+    fn check(&self, p: &mut Problems) -> Config {
+        Config {
+            receiver: self.receiver.check(p),
+            buffer: self.buffer.check(p),
+            rules: self.rules.check(p),
+            policy: self.policy.check(p),
+            decision_cache: self.decision_cache.check(p),
+            rabbitmq: self.rabbitmq.check(p),
+            cluster: self.cluster.check(p),
+            admin_listen: self.admin.check(p),
+            shutdown_grace: self.shutdown.check(p),
         }
-        serde_saphyr::from_str(text).map_err(|e| e.to_string())
-    }
-
-    /// Lays `TAILGATE_<SECTION>__<KEY>=value` variables over the file.
-    /// A value is read as the type the key already has, so `TAILGATE_RABBITMQ__EXCHANGE=123`
-    /// stays a string; other `TAILGATE_*` variables (without `__`) are not configuration.
-    fn with_env_overrides(
-        self,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        let mut overrides: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains(ENV_SEPARATOR))
-            .collect();
-        if overrides.is_empty() {
-            return Ok(self);
-        }
-        overrides.sort();
-        let env_err = |var: &str, message: String| ConfigError::Env {
-            var: var.to_owned(),
-            message,
-        };
-        let mut tree = serde_json::to_value(&self).map_err(|e| env_err("*", e.to_string()))?;
-        for (var, value) in &overrides {
-            let path = var[ENV_PREFIX.len()..].to_ascii_lowercase();
-            let Some((section, key)) = path.split_once(ENV_SEPARATOR) else {
-                continue;
-            };
-            let slot = tree
-                .get_mut(section)
-                .and_then(|s| s.get_mut(key))
-                .ok_or_else(|| env_err(var, format!("no configuration key {section}.{key}")))?;
-            *slot = match slot {
-                serde_json::Value::String(_) => serde_json::Value::String(value.clone()),
-                // An unset optional key: a number or boolean if it reads as one, else text.
-                serde_json::Value::Null => serde_json::from_str(value)
-                    .unwrap_or_else(|_| serde_json::Value::String(value.clone())),
-                _ => serde_json::from_str(value)
-                    .map_err(|e| env_err(var, format!("cannot read {value:?}: {e}")))?,
-            };
-        }
-        serde_json::from_value(tree).map_err(|e| env_err("TAILGATE_*", e.to_string()))
+        .cross_checked(p)
     }
 }
 
-impl<T: Serialize + DeserializeOwned + Default> ConfigFile for T {}
-
-impl RawConfig {
-    /// Checks every value and converts it to its runtime type.
-    pub fn validate(&self) -> Result<Config, ConfigError> {
-        let r = &self.receiver;
-        let b = &self.buffer;
-        let q = &self.rabbitmq;
-        let decision_wait = secs("buffer.decision_wait_secs", b.decision_wait_secs)?;
-        let trace_timeout = secs("buffer.trace_timeout_secs", b.trace_timeout_secs)?;
-        if trace_timeout < decision_wait {
-            return Err(invalid(
-                "buffer.trace_timeout_secs",
-                "must not be shorter than buffer.decision_wait_secs",
-            ));
-        }
-        if r.max_request_bytes > b.max_buffer_bytes {
-            return Err(invalid(
+impl Config {
+    /// The checks that span sections.
+    fn cross_checked(self, p: &mut Problems) -> Self {
+        if self.receiver.max_request_bytes > self.buffer.max_buffer_bytes {
+            p.add(
                 "receiver.max_request_bytes",
                 "must not exceed buffer.max_buffer_bytes, or such a request could never be admitted",
-            ));
+            );
         }
-        if q.exchange.is_empty() {
-            return Err(invalid(
-                "rabbitmq.exchange",
-                "must name an exchange (the default exchange cannot be a topic exchange)",
-            ));
-        }
-        Ok(Config {
-            receiver: Receiver {
-                grpc_listen: addr("receiver.grpc_listen", &r.grpc_listen)?,
-                http_listen: addr("receiver.http_listen", &r.http_listen)?,
-                max_request_bytes: nonzero("receiver.max_request_bytes", r.max_request_bytes)?,
-                retry_after: Duration::from_secs(r.retry_after_secs.max(1)),
-            },
-            buffer: Buffer {
-                decision_wait,
-                trace_timeout,
-                max_spans_per_trace: nonzero("buffer.max_spans_per_trace", b.max_spans_per_trace)?,
-                max_trace_bytes: nonzero("buffer.max_trace_bytes", b.max_trace_bytes)?,
-                max_buffer_bytes: nonzero("buffer.max_buffer_bytes", b.max_buffer_bytes)?,
-            },
-            rules: RulesFile {
-                file: self
-                    .rules
-                    .file
-                    .as_deref()
-                    .filter(|f| !f.is_empty())
-                    .map(std::path::PathBuf::from),
-                check_interval: secs("rules.check_interval_secs", self.rules.check_interval_secs)?
-                    .max(Duration::from_millis(10)),
-            },
-            policy: Policy {
-                slow_threshold: secs(
-                    "policy.slow_threshold_secs",
-                    self.policy.slow_threshold_secs,
-                )?,
-                random_share: Probability::new(self.policy.random_share).map_err(
-                    |ProbabilityError(p)| {
-                        invalid(
-                            "policy.random_share",
-                            format!("must be from 0 to 1, got {p}"),
-                        )
-                    },
-                )?,
-            },
-            decision_cache: DecisionCache {
-                ttl: Duration::from_secs(self.decision_cache.ttl_secs),
-                max_entries: nonzero(
-                    "decision_cache.max_entries",
-                    self.decision_cache.max_entries,
-                )?,
-            },
-            rabbitmq: Rabbitmq {
-                url: q.url.clone(),
-                exchange: q.exchange.clone(),
-                outbox_max_bytes: nonzero("rabbitmq.outbox_max_bytes", q.outbox_max_bytes)?,
-                max_in_flight: nonzero("rabbitmq.max_in_flight", q.max_in_flight)?,
-                confirm_timeout: Duration::from_secs(q.confirm_timeout_secs.max(1)),
-                max_backoff: Duration::from_secs(q.max_backoff_secs.max(1)),
-                compression: q.compression,
-            },
-            cluster: {
-                let c = &self.cluster;
-                let refresh =
-                    secs("cluster.refresh_secs", c.refresh_secs)?.max(Duration::from_millis(10));
-                let peer_timeout = secs("cluster.peer_timeout_secs", c.peer_timeout_secs)?;
-                if peer_timeout <= refresh {
-                    return Err(invalid(
-                        "cluster.peer_timeout_secs",
-                        "must be longer than cluster.refresh_secs, or live peers would be dropped between greetings",
-                    ));
-                }
-                Cluster {
-                    listen: addr("cluster.listen", &c.listen)?,
-                    advertise: (!c.advertise.is_empty()).then(|| c.advertise.clone()),
-                    peers: c.peers.clone(),
-                    dns: (!c.dns.is_empty()).then(|| c.dns.clone()),
-                    refresh,
-                    peer_timeout,
-                    forward_max_bytes: nonzero("cluster.forward_max_bytes", c.forward_max_bytes)?,
-                    forward_flush: secs("cluster.forward_flush_secs", c.forward_flush_secs)?
-                        .max(Duration::from_millis(1)),
-                }
-            },
-            admin_listen: addr("admin.listen", &self.admin.listen)?,
-            shutdown_grace: Duration::from_secs(self.shutdown.grace_secs),
-        })
+        self
     }
 }
 
-fn secs(key: &'static str, value: f64) -> Result<Duration, ConfigError> {
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        invalid(
-            key,
-            format!("must be a non-negative number of seconds, got {value}"),
-        )
-    })
+impl Validate for RawReceiver {
+    type Valid = Receiver;
+
+    fn check(&self, p: &mut Problems) -> Receiver {
+        Receiver {
+            grpc_listen: p.addr("receiver.grpc_listen", &self.grpc_listen),
+            http_listen: p.addr("receiver.http_listen", &self.http_listen),
+            max_request_bytes: p.nonzero("receiver.max_request_bytes", self.max_request_bytes),
+            retry_after: p.whole_secs_at_least(
+                "receiver.retry_after_secs",
+                self.retry_after_secs,
+                1,
+            ),
+        }
+    }
 }
 
-fn nonzero(key: &'static str, value: usize) -> Result<NonZeroUsize, ConfigError> {
-    NonZeroUsize::new(value).ok_or_else(|| invalid(key, "must be greater than 0"))
+impl Validate for RawBuffer {
+    type Valid = Buffer;
+
+    fn check(&self, p: &mut Problems) -> Buffer {
+        let decision_wait = p.secs("buffer.decision_wait_secs", self.decision_wait_secs);
+        let trace_timeout = p.secs("buffer.trace_timeout_secs", self.trace_timeout_secs);
+        if trace_timeout < decision_wait {
+            p.add(
+                "buffer.trace_timeout_secs",
+                "must not be shorter than buffer.decision_wait_secs",
+            );
+        }
+        Buffer {
+            decision_wait,
+            trace_timeout,
+            max_spans_per_trace: p.nonzero("buffer.max_spans_per_trace", self.max_spans_per_trace),
+            max_trace_bytes: p.nonzero("buffer.max_trace_bytes", self.max_trace_bytes),
+            max_buffer_bytes: p.nonzero("buffer.max_buffer_bytes", self.max_buffer_bytes),
+        }
+    }
 }
 
-fn addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|e| invalid(key, format!("{value:?} is not an address:port ({e})")))
+impl Validate for RawRules {
+    type Valid = RulesFile;
+
+    fn check(&self, p: &mut Problems) -> RulesFile {
+        RulesFile {
+            file: self
+                .file
+                .as_deref()
+                .filter(|f| !f.is_empty())
+                .map(std::path::PathBuf::from),
+            check_interval: p.secs_at_least(
+                "rules.check_interval_secs",
+                self.check_interval_secs,
+                Duration::from_millis(10),
+            ),
+        }
+    }
+}
+
+impl Validate for RawPolicy {
+    type Valid = Policy;
+
+    fn check(&self, p: &mut Problems) -> Policy {
+        let share = Probability::new(self.random_share)
+            .map_err(|ProbabilityError(v)| format!("must be from 0 to 1, got {v}"));
+        Policy {
+            slow_threshold: p.secs("policy.slow_threshold_secs", self.slow_threshold_secs),
+            random_share: p
+                .check("policy.random_share", share)
+                .unwrap_or(Probability::ALWAYS),
+        }
+    }
+}
+
+impl Validate for RawDecisionCache {
+    type Valid = DecisionCache;
+
+    fn check(&self, p: &mut Problems) -> DecisionCache {
+        DecisionCache {
+            ttl: Duration::from_secs(self.ttl_secs),
+            max_entries: p.nonzero("decision_cache.max_entries", self.max_entries),
+        }
+    }
+}
+
+impl Validate for RawRabbitmq {
+    type Valid = Rabbitmq;
+
+    fn check(&self, p: &mut Problems) -> Rabbitmq {
+        if self.exchange.is_empty() {
+            p.add(
+                "rabbitmq.exchange",
+                "must name an exchange (the default exchange cannot be a topic exchange)",
+            );
+        }
+        let max_backoff =
+            p.whole_secs_at_least("rabbitmq.max_backoff_secs", self.max_backoff_secs, 1);
+        Rabbitmq {
+            amqp: p
+                .check("rabbitmq.url", AmqpConfig::parse(&self.url))
+                .unwrap_or_default(),
+            exchange: self.exchange.clone(),
+            outbox_max_bytes: p.nonzero("rabbitmq.outbox_max_bytes", self.outbox_max_bytes),
+            max_in_flight: p.nonzero("rabbitmq.max_in_flight", self.max_in_flight),
+            confirm_timeout: p.whole_secs_at_least(
+                "rabbitmq.confirm_timeout_secs",
+                self.confirm_timeout_secs,
+                1,
+            ),
+            backoff: p
+                .check(
+                    "rabbitmq.max_backoff_secs",
+                    Backoff::try_new(Backoff::FIRST, max_backoff),
+                )
+                .unwrap_or_default(),
+            compression: self.compression,
+        }
+    }
+}
+
+impl Validate for RawCluster {
+    type Valid = Cluster;
+
+    fn check(&self, p: &mut Problems) -> Cluster {
+        let refresh = p.secs_at_least(
+            "cluster.refresh_secs",
+            self.refresh_secs,
+            Duration::from_millis(10),
+        );
+        let peer_timeout = p.secs("cluster.peer_timeout_secs", self.peer_timeout_secs);
+        if peer_timeout <= refresh {
+            p.add(
+                "cluster.peer_timeout_secs",
+                "must be longer than cluster.refresh_secs, or live peers would be dropped between greetings",
+            );
+        }
+        Cluster {
+            listen: p.addr("cluster.listen", &self.listen),
+            advertise: (!self.advertise.is_empty()).then(|| self.advertise.clone()),
+            peers: self.peers.clone(),
+            dns: (!self.dns.is_empty()).then(|| self.dns.clone()),
+            refresh,
+            peer_timeout,
+            forward_max_bytes: p.nonzero("cluster.forward_max_bytes", self.forward_max_bytes),
+            forward_flush: p.secs_at_least(
+                "cluster.forward_flush_secs",
+                self.forward_flush_secs,
+                Duration::from_millis(1),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tailgate_contract::config::ConfigFile;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -404,6 +404,7 @@ mod tests {
         route::tests::{request, span, split_request},
     };
     use opentelemetry_proto::tonic::trace::v1::{Status, status::StatusCode};
+    use tailgate_contract::config::Validate;
 
     fn pipeline(
         max_buffer_bytes: usize,

@@ -1,23 +1,22 @@
-//! Ingester configuration: deserialized into [`RawIngesterConfig`] (unknown
-//! keys are errors, every key has a default; the `tailgate` binary loads it
-//! with the same YAML-plus-`TAILGATE_<SECTION>__<KEY>` rules as the gateway's),
-//! then checked by [`RawIngesterConfig::validate`] into [`IngesterConfig`].
+//! Ingester configuration: deserialized into [`RawIngesterConfig`] and
+//! loaded as every Tailgate file is ([`tailgate_contract::config`]), then
+//! checked by its [`Validate`] impl into [`IngesterConfig`], with every
+//! problem reported at once.
 
 use serde::{Deserialize, Serialize};
 use std::{net::SocketAddr, num::NonZeroU16, time::Duration};
+use tailgate_contract::{
+    amqp::AmqpConfig,
+    backoff::Backoff,
+    config::{DefaultPort, Problems, RawAdmin, RawShutdown, Secret, Validate},
+};
 
-#[derive(Debug, thiserror::Error)]
-#[error("{key}: {message}")]
-pub struct InvalidConfig {
-    pub key: &'static str,
-    pub message: String,
-}
+/// The ingester's admin port, 8889.
+#[derive(Debug)]
+pub enum AdminPort {}
 
-fn invalid(key: &'static str, message: impl Into<String>) -> InvalidConfig {
-    InvalidConfig {
-        key,
-        message: message.into(),
-    }
+impl DefaultPort for AdminPort {
+    const PORT: u16 = 8889;
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -27,7 +26,7 @@ pub struct RawIngesterConfig {
     pub clickhouse: RawClickhouse,
     pub batch: RawBatch,
     pub retention: RawRetention,
-    pub admin: RawAdmin,
+    pub admin: RawAdmin<AdminPort>,
     pub shutdown: RawShutdown,
 }
 
@@ -56,7 +55,7 @@ impl Default for RawRabbitmq {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             exchange: "tailgate.traces".into(),
             queue: "tailgate.ingest".into(),
-            binding_key: "traces.#".into(),
+            binding_key: tailgate_contract::message::ALL_TRACES.into(),
             dead_letter_exchange: "tailgate.ingest.dlx".into(),
             dead_letter_queue: "tailgate.ingest.dlq".into(),
             prefetch: 256,
@@ -144,33 +143,6 @@ impl Default for RawRetention {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawAdmin {
-    pub listen: String,
-}
-
-impl Default for RawAdmin {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:8889".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawShutdown {
-    /// After SIGTERM: longest wait for the insert in flight.
-    pub grace_secs: u64,
-}
-
-impl Default for RawShutdown {
-    fn default() -> Self {
-        Self { grace_secs: 25 }
-    }
-}
-
 /// Where spans are kept, and for how long.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Retention {
@@ -184,20 +156,35 @@ pub struct Retention {
 }
 
 #[derive(Debug, Clone)]
+pub struct Rabbitmq {
+    pub amqp: AmqpConfig,
+    pub exchange: String,
+    pub queue: String,
+    pub binding_key: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub prefetch: NonZeroU16,
+    pub delivery_limit: u32,
+    /// Reconnects back off from [`Backoff::FIRST`] to `max_backoff_secs`.
+    pub backoff: Backoff,
+}
+
+#[derive(Debug, Clone)]
 pub struct Clickhouse {
     pub url: String,
     pub user: String,
-    pub password: String,
+    pub password: Secret,
     pub database: String,
     pub table: String,
     pub migrate_on_start: bool,
-    pub max_backoff: Duration,
+    /// Insert retries back off from [`Backoff::FIRST`] to `max_backoff_secs`.
+    pub backoff: Backoff,
     pub dedup_window_days: NonZeroU16,
 }
 
 #[derive(Debug, Clone)]
 pub struct IngesterConfig {
-    pub rabbitmq: RawRabbitmq,
+    pub rabbitmq: Rabbitmq,
     pub clickhouse: Clickhouse,
     pub max_wait: Duration,
     pub retention: Retention,
@@ -205,76 +192,111 @@ pub struct IngesterConfig {
     pub shutdown_grace: Duration,
 }
 
-fn days(key: &'static str, v: u16) -> Result<NonZeroU16, InvalidConfig> {
-    NonZeroU16::new(v).ok_or_else(|| invalid(key, "must be at least 1 day"))
+fn days(p: &mut Problems, key: &'static str, v: u16) -> NonZeroU16 {
+    NonZeroU16::new(v).unwrap_or_else(|| {
+        p.add(key, "must be at least 1 day");
+        NonZeroU16::MIN
+    })
 }
 
 /// Names that go into SQL unquoted must be plain identifiers.
-fn identifier(key: &'static str, v: &str) -> Result<String, InvalidConfig> {
+fn identifier(p: &mut Problems, key: &'static str, v: &str) -> String {
     let ok = !v.is_empty()
         && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !v.starts_with(|c: char| c.is_ascii_digit());
-    if ok {
-        Ok(v.to_owned())
-    } else {
-        Err(invalid(key, format!("{v:?} must be letters, digits and _")))
+    if !ok {
+        p.add(key, format!("{v:?} must be letters, digits and _"));
+    }
+    v.to_owned()
+}
+
+fn backoff(p: &mut Problems, key: &'static str, max_secs: u64) -> Backoff {
+    let max = p.whole_secs_at_least(key, max_secs, 1);
+    p.check(key, Backoff::try_new(Backoff::FIRST, max))
+        .unwrap_or_default()
+}
+
+impl Validate for RawIngesterConfig {
+    type Valid = IngesterConfig;
+
+    fn check(&self, p: &mut Problems) -> IngesterConfig {
+        IngesterConfig {
+            rabbitmq: self.rabbitmq.check(p),
+            clickhouse: self.clickhouse.check(p),
+            max_wait: p.secs_at_least(
+                "batch.max_wait_secs",
+                self.batch.max_wait_secs,
+                Duration::from_millis(1),
+            ),
+            retention: self.retention.check(p),
+            admin_listen: self.admin.check(p),
+            shutdown_grace: self.shutdown.check(p),
+        }
     }
 }
 
-impl RawIngesterConfig {
-    pub fn validate(&self) -> Result<IngesterConfig, InvalidConfig> {
-        let r = &self.retention;
-        let c = &self.clickhouse;
+impl Validate for RawRabbitmq {
+    type Valid = Rabbitmq;
+
+    fn check(&self, p: &mut Problems) -> Rabbitmq {
+        let prefetch = NonZeroU16::new(self.prefetch).unwrap_or_else(|| {
+            p.add("rabbitmq.prefetch", "must be at least 1");
+            NonZeroU16::MIN
+        });
+        Rabbitmq {
+            amqp: p
+                .check("rabbitmq.url", AmqpConfig::parse(&self.url))
+                .unwrap_or_default(),
+            exchange: self.exchange.clone(),
+            queue: self.queue.clone(),
+            binding_key: self.binding_key.clone(),
+            dead_letter_exchange: self.dead_letter_exchange.clone(),
+            dead_letter_queue: self.dead_letter_queue.clone(),
+            prefetch,
+            delivery_limit: self.delivery_limit,
+            backoff: backoff(p, "rabbitmq.max_backoff_secs", self.max_backoff_secs),
+        }
+    }
+}
+
+impl Validate for RawClickhouse {
+    type Valid = Clickhouse;
+
+    fn check(&self, p: &mut Problems) -> Clickhouse {
+        Clickhouse {
+            url: self.url.clone(),
+            user: self.user.clone(),
+            password: Secret::new(self.password.clone()),
+            database: identifier(p, "clickhouse.database", &self.database),
+            table: identifier(p, "clickhouse.table", &self.table),
+            migrate_on_start: self.migrate_on_start,
+            backoff: backoff(p, "clickhouse.max_backoff_secs", self.max_backoff_secs),
+            dedup_window_days: days(p, "clickhouse.dedup_window_days", self.dedup_window_days),
+        }
+    }
+}
+
+impl Validate for RawRetention {
+    type Valid = Retention;
+
+    fn check(&self, p: &mut Problems) -> Retention {
         let retention = Retention {
-            hot_days: days("retention.hot_days", r.hot_days)?,
-            warm_until_days: days("retention.warm_until_days", r.warm_until_days)?,
-            storage_policy: (!r.storage_policy.is_empty())
-                .then(|| identifier("retention.storage_policy", &r.storage_policy))
-                .transpose()?,
-            long_days: days("retention.long_days", r.long_days)?,
-            short_days: days("retention.short_days", r.short_days)?,
-            long_rules: r.long_rules.clone(),
-            short_rules: r.short_rules.clone(),
+            hot_days: days(p, "retention.hot_days", self.hot_days),
+            warm_until_days: days(p, "retention.warm_until_days", self.warm_until_days),
+            storage_policy: (!self.storage_policy.is_empty())
+                .then(|| identifier(p, "retention.storage_policy", &self.storage_policy)),
+            long_days: days(p, "retention.long_days", self.long_days),
+            short_days: days(p, "retention.short_days", self.short_days),
+            long_rules: self.long_rules.clone(),
+            short_rules: self.short_rules.clone(),
         };
         if retention.warm_until_days <= retention.hot_days {
-            return Err(invalid(
+            p.add(
                 "retention.warm_until_days",
                 "must be later than retention.hot_days",
-            ));
+            );
         }
-        if self.rabbitmq.prefetch == 0 {
-            return Err(invalid("rabbitmq.prefetch", "must be at least 1"));
-        }
-        let max_wait = Duration::try_from_secs_f64(self.batch.max_wait_secs)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                invalid(
-                    "batch.max_wait_secs",
-                    "must be a positive number of seconds",
-                )
-            })?;
-        Ok(IngesterConfig {
-            rabbitmq: self.rabbitmq.clone(),
-            clickhouse: Clickhouse {
-                url: c.url.clone(),
-                user: c.user.clone(),
-                password: c.password.clone(),
-                database: identifier("clickhouse.database", &c.database)?,
-                table: identifier("clickhouse.table", &c.table)?,
-                migrate_on_start: c.migrate_on_start,
-                max_backoff: Duration::from_secs(c.max_backoff_secs.max(1)),
-                dedup_window_days: days("clickhouse.dedup_window_days", c.dedup_window_days)?,
-            },
-            max_wait,
-            retention,
-            admin_listen: self
-                .admin
-                .listen
-                .parse()
-                .map_err(|e| invalid("admin.listen", format!("{:?}: {e}", self.admin.listen)))?,
-            shutdown_grace: Duration::from_secs(self.shutdown.grace_secs),
-        })
+        retention
     }
 }
 
@@ -290,7 +312,7 @@ mod tests {
         let c = raw.validate().unwrap();
         assert_eq!(c.retention.long_days.get(), 90);
         assert_eq!(c.retention.short_days.get(), 14);
-        assert_eq!(c.rabbitmq.prefetch, 256);
+        assert_eq!(c.rabbitmq.prefetch.get(), 256);
         assert_eq!(c.clickhouse.table, "otel_traces");
         let d = RawIngesterConfig::default().validate().unwrap();
         assert_eq!(d.retention.storage_policy, None);

@@ -8,30 +8,30 @@
 //! only then acknowledged, with one `multiple` ack.
 
 use crate::{
-    compression::message_body,
     config::IngesterConfig,
     metrics::Metrics,
-    rows::{Sampling, SpanRow, rows},
+    rows::{SpanRow, rows},
     store::{Pending, Store},
 };
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    ExchangeKind,
+    Channel, Confirmation, Connection, Consumer, ExchangeKind,
     message::Delivery,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable, LongString},
 };
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
+use tailgate_contract::{
+    amqp::{confirmed_channel, declare_exchange},
+    compression::message_body,
+    message::{Sampling, header},
+};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-
-/// Header added to dead-lettered messages, saying why.
-pub const DEAD_LETTER_REASON: &str = "x-tailgate-dead-letter-reason";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
@@ -55,36 +55,21 @@ fn text(s: &str) -> AMQPValue {
 
 async fn connect(cfg: &IngesterConfig) -> Result<Intake, IntakeError> {
     let r = &cfg.rabbitmq;
-    let connection = Connection::connect(
-        &r.url,
-        ConnectionProperties::default().with_connection_name("tailgate-ingester".into()),
-    )
-    .await?;
-    let channel = connection.create_channel().await?;
+    let connection = r.amqp.connect("tailgate-ingester").await?;
+    // Confirms: a dead-lettered copy must be stored before the original is acked.
+    let channel = confirmed_channel(&connection).await?;
     channel
-        .confirm_select(ConfirmSelectOptions::default())
+        .basic_qos(r.prefetch.get(), BasicQosOptions::default())
         .await?;
-    channel
-        .basic_qos(r.prefetch, BasicQosOptions::default())
-        .await?;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    // Declared exactly as the gateway declares it, so either may start first.
-    channel
-        .exchange_declare(
-            r.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange(&channel, &r.exchange).await?;
     channel
         .exchange_declare(
             r.dead_letter_exchange.as_str().into(),
             ExchangeKind::Fanout,
-            durable,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -148,31 +133,6 @@ async fn connect(cfg: &IngesterConfig) -> Result<Intake, IntakeError> {
     })
 }
 
-fn header<'a>(props: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
-    props.headers().as_ref()?.inner().get(key)
-}
-
-/// The decision the gateway recorded in the message headers.
-fn sampling(props: &BasicProperties) -> Sampling {
-    let rule = match header(props, "sampling_rule") {
-        Some(AMQPValue::LongString(s)) => s.to_string(),
-        Some(AMQPValue::ShortString(s)) => s.to_string(),
-        _ => String::new(),
-    };
-    let adjusted_count = match header(props, "adjusted_count") {
-        Some(AMQPValue::Double(d)) => *d,
-        Some(AMQPValue::Float(f)) => f64::from(*f),
-        #[allow(clippy::cast_precision_loss)]
-        Some(AMQPValue::LongLongInt(i)) => *i as f64,
-        Some(AMQPValue::LongInt(i)) => f64::from(*i),
-        _ => 1.0,
-    };
-    Sampling {
-        rule,
-        adjusted_count,
-    }
-}
-
 /// The message's ID; a message without one is identified by its content,
 /// which is stable across redeliveries.
 fn message_id(d: &Delivery) -> String {
@@ -195,7 +155,7 @@ fn message_rows(
 ) -> Result<(Vec<SpanRow>, usize), String> {
     let body = message_body(&d.properties, &d.data).map_err(|e| e.to_string())?;
     let rows =
-        rows(&body, id, &sampling(&d.properties), &cfg.retention).map_err(|e| e.to_string())?;
+        rows(&body, id, &Sampling::of(&d.properties), &cfg.retention).map_err(|e| e.to_string())?;
     Ok((rows, body.len()))
 }
 
@@ -208,9 +168,9 @@ async fn dead_letter(
     reason: &str,
 ) -> Result<(), IntakeError> {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
-    headers.insert(DEAD_LETTER_REASON.into(), text(reason));
+    headers.insert(header::DEAD_LETTER_REASON.into(), text(reason));
     headers.insert(
-        "x-tailgate-original-routing-key".into(),
+        header::ORIGINAL_ROUTING_KEY.into(),
         text(d.routing_key.as_str()),
     );
     let props = d.properties.clone().with_headers(headers);
@@ -261,14 +221,13 @@ pub async fn run(
     metrics: &Metrics,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let max_backoff = Duration::from_secs(cfg.rabbitmq.max_backoff_secs.max(1));
+    let mut backoff = cfg.rabbitmq.backoff.clone();
     while !*stop.borrow() {
         match connect(cfg).await {
             Ok(mut intake) => {
                 info!(queue = %cfg.rabbitmq.queue, "consuming");
                 metrics.broker_connected.set(1);
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 let result = consume(cfg, store, metrics, &mut intake, &mut stop).await;
                 metrics.broker_connected.set(0);
                 match result {
@@ -280,13 +239,12 @@ pub async fn run(
                     Err(e) => warn!(error = %e, "lost the broker; reconnecting"),
                 }
             }
-            Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot reach the broker"),
+            Err(e) => warn!(error = %e, "cannot reach the broker"),
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = backoff.wait() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
@@ -297,7 +255,7 @@ async fn consume(
     intake: &mut Intake,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), IntakeError> {
-    let max = usize::from(cfg.rabbitmq.prefetch);
+    let max = usize::from(cfg.rabbitmq.prefetch.get());
     loop {
         let Some(batch) = next_batch(&mut intake.consumer, max, cfg.max_wait, stop).await? else {
             return Ok(());
@@ -344,7 +302,7 @@ async fn store_batch(
     bytes: u64,
     stop: &watch::Receiver<bool>,
 ) -> bool {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = cfg.clickhouse.backoff.clone();
     let mut stop_deadline: Option<Instant> = None;
     let mut attempt = 0u32;
     loop {
@@ -372,7 +330,7 @@ async fn store_batch(
             Err(e) => {
                 metrics.clickhouse_up.set(0);
                 metrics.insert_failures.inc();
-                warn!(error = %e, attempt, retry_in = ?backoff, messages = pending.len(), "insert failed; nothing acknowledged, retrying");
+                warn!(error = %e, attempt, messages = pending.len(), "insert failed; nothing acknowledged, retrying");
             }
         }
         if *stop.borrow() {
@@ -382,7 +340,6 @@ async fn store_batch(
                 return false;
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(cfg.clickhouse.max_backoff);
+        backoff.wait().await;
     }
 }

@@ -2,12 +2,11 @@
 //! ClickHouse, at least once and without duplicates, aged through
 //! retention tiers.
 //!
-//! A message's path: [`consume`] (queue topology, batches, acks) →
-//! [`compression`] (the body as the gateway packed it) →
-//! [`rows`] (OTLP into span rows) → [`store`] (idempotent inserts).
-//! [`schema`] is `migrate`; [`config`] and [`node`] set it all up.
+//! A message's path: [`consume`] (queue topology, batches, acks, the body
+//! as the gateway packed it) → [`rows`] (OTLP into span rows) → [`store`]
+//! (idempotent inserts). [`schema`] is `migrate`; [`config`] and [`node`]
+//! set it all up. The message contract itself is `tailgate_contract`'s.
 
-pub mod compression;
 pub mod config;
 pub mod consume;
 pub mod metrics;

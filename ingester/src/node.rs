@@ -1,8 +1,8 @@
 //! One ingester process: migrate, serve metrics and health, consume until SIGTERM.
 
 use crate::{config::IngesterConfig, consume, metrics::Metrics, store::Store};
-use axum::{Router, extract::State, http::StatusCode, routing::get};
 use std::{future::Future, sync::Arc};
+use tailgate_contract::admin::{self, Health};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
@@ -25,27 +25,18 @@ pub async fn migrate(cfg: &IngesterConfig) -> Result<(), IngesterError> {
     Ok(())
 }
 
-fn admin(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(|State(m): State<Arc<Metrics>>| async move { m.encode() }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(|State(m): State<Arc<Metrics>>| async move {
-                if m.broker_connected.get() == 1 && m.clickhouse_up.get() == 1 {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not consuming, or ClickHouse unreachable\n",
-                    )
-                }
-            }),
-        )
-        .with_state(metrics)
+impl Health for Metrics {
+    fn metrics(&self) -> String {
+        self.encode()
+    }
+
+    fn readiness(&self) -> Result<(), &'static str> {
+        if self.broker_connected.get() == 1 && self.clickhouse_up.get() == 1 {
+            Ok(())
+        } else {
+            Err("not consuming, or ClickHouse unreachable")
+        }
+    }
 }
 
 /// Runs until `shutdown`, then finishes the insert in flight, acks it, and returns.
@@ -73,9 +64,9 @@ pub async fn run(
         table = %store.tables().spans,
         "tailgate ingester ready"
     );
-    let admin_metrics = Arc::clone(&metrics);
+    let router = admin::router(Arc::clone(&metrics) as Arc<dyn Health>);
     let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(listener, admin(admin_metrics)).await;
+        let _ = axum::serve(listener, router).await;
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let consumer = {

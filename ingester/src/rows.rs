@@ -52,12 +52,7 @@ pub struct SpanRow {
     pub message_id: String,
 }
 
-/// What the gateway's message headers say about the trace.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Sampling {
-    pub rule: String,
-    pub adjusted_count: f64,
-}
+pub use tailgate_contract::message::Sampling;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("not an OTLP ExportTraceServiceRequest: {0}")]
@@ -230,6 +225,7 @@ mod tests {
             span::{Event, Link},
         },
     };
+    use tailgate_contract::config::Validate;
 
     fn kv(k: &str, v: Value) -> KeyValue {
         KeyValue {

@@ -187,6 +187,7 @@ SELECT MessageId FROM {spans} GROUP BY MessageId",
 mod tests {
     use super::*;
     use crate::config::RawIngesterConfig;
+    use tailgate_contract::config::Validate;
 
     /// Without a storage policy there are no volume moves; with one, hot →
     /// warm → cold, then a single DELETE whose interval depends on the class.

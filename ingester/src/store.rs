@@ -95,7 +95,7 @@ impl Store {
         let server = Client::default()
             .with_url(&c.url)
             .with_user(&c.user)
-            .with_password(&c.password)
+            .with_password(c.password.expose())
             .with_compression(clickhouse::Compression::Lz4);
         Self {
             client: server.clone().with_database(&c.database),

@@ -28,6 +28,9 @@ pub struct ProbabilityError(pub f64);
 pub struct Probability(f64);
 
 impl Probability {
+    /// Keep everything.
+    pub const ALWAYS: Self = Self(1.0);
+
     pub fn new(p: f64) -> Result<Self, ProbabilityError> {
         if p.is_finite() && (0.0..=1.0).contains(&p) {
             Ok(Self(p))

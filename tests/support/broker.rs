@@ -4,11 +4,8 @@
 use super::{PATIENCE, amqp_url, unique};
 use futures_util::StreamExt;
 use lapin::{
-    Connection, ConnectionProperties, Consumer, ExchangeKind,
-    options::{
-        BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
+    Connection, ConnectionProperties, Consumer,
+    options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
 use opentelemetry_proto::tonic::{
@@ -16,7 +13,11 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 use std::net::SocketAddr;
-use tailgate_ingester::compression::message_body;
+use tailgate_contract::{
+    amqp::declare_exchange,
+    compression::message_body,
+    message::{ALL_TRACES, header},
+};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -55,7 +56,7 @@ impl Received {
     }
 
     pub fn trace_id(&self) -> String {
-        self.header("trace_id").expect("trace_id header")
+        self.header(header::TRACE_ID).expect("trace_id header")
     }
 }
 
@@ -94,17 +95,7 @@ impl TestQueue {
             .expect("connect to RabbitMQ (see README: the test command starts it)");
         let channel = connection.create_channel().await.expect("channel");
         let exchange = unique(tag);
-        // Declared exactly as the gateway declares it.
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        declare_exchange(&channel, &exchange)
             .await
             .expect("declare exchange");
         channel
@@ -133,7 +124,7 @@ impl TestQueue {
             .queue_bind(
                 format!("{}.q", self.exchange).as_str().into(),
                 self.exchange.as_str().into(),
-                "traces.#".into(),
+                ALL_TRACES.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )

@@ -33,7 +33,7 @@ impl ClickHouse {
         let dir = std::env::temp_dir().join(super::unique("chdb"));
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../tests/support/clickhouse-http/server.py"
+            "/tests/support/clickhouse-http/server.py"
         );
         let mut child = super::command("python3", nice)
             .arg(script)

@@ -30,7 +30,7 @@ use tailgate_benches::{
     loadgen::{self, Options, Protocol, Stats},
     procfs, prost_decode_rate,
 };
-use tailgate_ingester::compression::Compression;
+use tailgate_contract::compression::Compression;
 
 /// What to run.
 #[derive(Debug, Clone)]

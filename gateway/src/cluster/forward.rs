@@ -27,6 +27,7 @@ use std::{
     },
     time::Duration,
 };
+use tailgate_contract::backoff::Backoff;
 use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
@@ -89,6 +90,9 @@ impl Drop for Rerouted {
 
 /// Bytes a handed-off decision counts for in the backlog.
 const DECISION_BYTES: usize = 64;
+/// Longest wait between deliveries to a peer that fails them: a peer is
+/// usually back within seconds, or dropped from the ring by then.
+const PEER_RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl Forwarder {
     pub fn new(
@@ -281,7 +285,10 @@ impl Forwarder {
     }
 
     async fn send_loop(self: Arc<Self>, peer: PeerId) {
-        let mut backoff = self.flush;
+        // From one flush interval (never zero: the configuration refuses
+        // that) to at most PEER_RETRY_MAX.
+        let mut backoff =
+            Backoff::try_new(self.flush, PEER_RETRY_MAX.max(self.flush)).unwrap_or_default();
         loop {
             tokio::time::sleep(self.flush).await;
             let (batches, decisions, bytes) = self.take(&peer);
@@ -324,14 +331,13 @@ impl Forwarder {
                     self.metrics.forwarded(&peer, spans, bytes);
                     self.record_delivery(&peer, spans);
                     self.release(bytes, spans);
-                    backoff = self.flush;
+                    backoff.reset();
                 }
                 Err(error) => {
                     self.metrics.cluster_peer_error(&peer);
                     warn!(peer = %peer, %error, spans, "delivery to peer failed; retrying");
                     self.put_back(&peer, batches, delivery.decisions, bytes);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff.wait().await;
                 }
             }
         }

@@ -10,15 +10,17 @@ use super::{OutMessage, Outbox};
 use crate::{config, metrics::Metrics};
 use futures_util::future::join_all;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
-    options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    BasicProperties, Channel, Confirmation, Connection, PublisherConfirm,
+    options::BasicPublishOptions,
 };
 use std::{
     collections::VecDeque,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
+};
+use tailgate_contract::{
+    amqp::{confirmed_channel, declare_exchange},
+    message::{self, Annotations},
 };
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tracing::{info, warn};
@@ -43,17 +45,15 @@ pub enum PublishError {
     ConnectionLost,
 }
 
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-
 /// Runs until aborted: keeps a confirmed channel open and drains the outbox into it.
 pub async fn run(cfg: config::Rabbitmq, outbox: Arc<Outbox>, metrics: Arc<Metrics>) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = cfg.backoff.clone();
     loop {
         match connect(&cfg).await {
             Ok((connection, channel)) => {
                 info!(exchange = %cfg.exchange, "connected to the broker");
                 metrics.broker_connected.set(1);
-                backoff = FIRST_BACKOFF;
+                backoff.reset();
                 let err = pump(&cfg, &channel, &outbox, &metrics).await;
                 metrics.broker_connected.set(0);
                 metrics.broker_connection_error();
@@ -67,70 +67,39 @@ pub async fn run(cfg: config::Rabbitmq, outbox: Arc<Outbox>, metrics: Arc<Metric
             }
             Err(err) => {
                 metrics.broker_connection_error();
-                warn!(error = %err, retry_in = ?backoff, unconfirmed = outbox.messages(), "broker unavailable");
+                warn!(error = %err, unconfirmed = outbox.messages(), "broker unavailable");
             }
         }
-        sleep(backoff).await;
-        backoff = (backoff * 2).min(cfg.max_backoff);
+        backoff.wait().await;
     }
 }
 
 async fn connect(cfg: &config::Rabbitmq) -> Result<(Connection, Channel), PublishError> {
-    let props = ConnectionProperties::default().with_connection_name("tailgate-gateway".into());
-    let connection = timeout(cfg.confirm_timeout, Connection::connect(&cfg.url, props))
+    let connection = timeout(cfg.confirm_timeout, cfg.amqp.connect("tailgate-gateway"))
         .await
         .map_err(|_| PublishError::ConnectTimeout(cfg.confirm_timeout))?
         .map_err(PublishError::Connect)?;
-    let channel = connection
-        .create_channel()
+    let channel = confirmed_channel(&connection)
         .await
         .map_err(PublishError::Setup)?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(PublishError::Setup)?;
-    channel
-        .exchange_declare(
-            cfg.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    declare_exchange(&channel, &cfg.exchange)
         .await
         .map_err(PublishError::Setup)?;
     Ok((connection, channel))
 }
 
 fn properties(msg: &OutMessage) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-    headers.insert("trace_id".into(), text(&msg.trace_id.to_hex()));
-    headers.insert("sampling_rule".into(), text(&msg.rule));
-    headers.insert(
-        "adjusted_count".into(),
-        AMQPValue::Double(msg.adjusted_count),
-    );
-    headers.insert(
-        "span_count".into(),
-        AMQPValue::LongLongInt(i64::try_from(msg.span_count).unwrap_or(i64::MAX)),
-    );
-    headers.insert("root_service".into(), text(&msg.root_service));
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let props = BasicProperties::default()
-        .with_content_type(ShortString::from("application/x-protobuf"))
-        .with_delivery_mode(2) // persistent
-        .with_message_id(ShortString::from(msg.id.as_str()))
-        .with_timestamp(now)
-        .with_headers(headers);
-    match msg.compression.content_encoding() {
-        Some(encoding) => props.with_content_encoding(ShortString::from(encoding)),
-        None => props,
-    }
+    let annotations = Annotations {
+        trace_id: &msg.trace_id.to_hex(),
+        rule: &msg.rule,
+        adjusted_count: msg.adjusted_count,
+        span_count: msg.span_count,
+        root_service: &msg.root_service,
+    };
+    message::properties(&msg.id, &annotations, msg.compression, now)
 }
 
 /// A published message waiting for its confirm.
@@ -166,7 +135,7 @@ async fn pump(
     let mut rejected: Vec<OutMessage> = Vec::new();
     // What a failed publish left unsent.
     let mut unpublished: Vec<OutMessage> = Vec::new();
-    let mut retry_backoff = FIRST_BACKOFF;
+    let mut retry_backoff = cfg.backoff.clone();
     loop {
         let room = max - in_flight.len();
         let failure = tokio::select! {
@@ -211,10 +180,9 @@ async fn pump(
         }
         if !rejected.is_empty() && in_flight.is_empty() {
             outbox.requeue(std::mem::take(&mut rejected));
-            sleep(retry_backoff).await;
-            retry_backoff = (retry_backoff * 2).min(cfg.max_backoff);
+            retry_backoff.wait().await;
         } else if rejected.is_empty() && in_flight.is_empty() {
-            retry_backoff = FIRST_BACKOFF;
+            retry_backoff.reset();
         }
     }
 }

@@ -19,7 +19,7 @@ use std::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
-use tailgate_ingester::compression::Compression;
+use tailgate_contract::{compression::Compression, message::routing_key};
 use tailgate_sampling_rules::{Kept, TraceId};
 use tokio::{sync::Notify, time::Instant};
 
@@ -51,27 +51,6 @@ fn next_message_number() -> (u64, u64) {
     (prefix, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Topic routing keys split on `.` and match on `*` and `#`; keep each
-/// component a single word.
-fn routing_word(s: &str) -> String {
-    let word: String = s
-        .chars()
-        .take(100)
-        .map(|c| {
-            if c.is_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if word.is_empty() {
-        "unknown".into()
-    } else {
-        word
-    }
-}
-
 impl OutMessage {
     pub fn new(
         trace_id: TraceId,
@@ -86,11 +65,7 @@ impl OutMessage {
         let (compression, body) = compression.compress(request.encode_to_vec());
         Self {
             id: format!("{trace_id}-{prefix:016x}-{n}"),
-            routing_key: format!(
-                "traces.{}.{}",
-                routing_word(kept.rule.as_str()),
-                routing_word(&root_service)
-            ),
+            routing_key: routing_key(kept.rule.as_str(), &root_service),
             body: Bytes::from(body),
             compression,
             trace_id,
@@ -249,14 +224,13 @@ mod tests {
         o.drained().await;
     }
 
-    /// Message IDs are unique; routing keys are topic-safe.
+    /// Message IDs are unique; the routing key names the rule and the root
+    /// service (tailgate_contract::message tests that it is topic-safe).
     #[test]
     fn ids_and_routing_keys() {
         let (a, b) = (msg(1), msg(1));
         assert_ne!(a.id, b.id);
         assert!(a.id.starts_with(&TraceId([1; 16]).to_hex()));
         assert_eq!(a.routing_key, "traces.error.shop-api");
-        assert_eq!(routing_word("a.b*c#d e"), "a_b_c_d_e");
-        assert_eq!(routing_word(""), "unknown");
     }
 }

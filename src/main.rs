@@ -1,12 +1,11 @@
-//! The `tailgate` command.
+//! The `tailgate` command: one binary for the gateway, the ingester and the
+//! rules tools, over the libraries that do the work.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::{path::PathBuf, process::ExitCode};
-use tailgate_gateway::{
-    config::{ConfigFile, RawConfig},
-    node, tools,
-};
+use tailgate_contract::config::ConfigFile;
+use tailgate_gateway::{config::RawConfig, node, tools};
 use tailgate_ingester::{config::RawIngesterConfig, node as ingester};
 use tracing_subscriber::EnvFilter;
 

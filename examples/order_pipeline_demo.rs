@@ -5,21 +5,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../tests/support/otlp.rs"]
+#[path = "../tests/support/otlp.rs"]
 #[allow(dead_code)]
 mod otlp;
 
 use clap::Parser;
 use futures_util::StreamExt;
 use lapin::{
-    Connection, ConnectionProperties, ExchangeKind,
-    options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    Connection, ConnectionProperties,
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{collections::BTreeMap, time::Duration};
-use tailgate_ingester::compression::message_body;
+use tailgate_contract::{
+    amqp::declare_exchange,
+    compression::message_body,
+    message::{ALL_TRACES, header as names},
+};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -68,19 +72,7 @@ async fn main() {
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            args.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_exchange(&channel, &args.exchange).await.unwrap();
     let exclusive = QueueDeclareOptions {
         exclusive: true,
         auto_delete: true,
@@ -95,7 +87,7 @@ async fn main() {
         .queue_bind(
             queue_name.as_str().into(),
             args.exchange.as_str().into(),
-            "traces.#".into(),
+            ALL_TRACES.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -188,11 +180,11 @@ async fn main() {
             .flat_map(|r| &r.scope_spans)
             .map(|s| s.spans.len())
             .sum();
-        let trace = header("trace_id");
+        let trace = header(names::TRACE_ID);
         println!(
             "  {trace}  rule={:<6} adjusted_count={:<6} spans={spans}  key={}  ({})",
-            header("sampling_rule"),
-            header("adjusted_count"),
+            header(names::SAMPLING_RULE),
+            header(names::ADJUSTED_COUNT),
             delivery.routing_key,
             stories.get(&trace).copied().unwrap_or("?"),
         );
