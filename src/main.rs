@@ -128,7 +128,12 @@ fn main() -> ExitCode {
         Err(e) => {
             // Operators read this: the cause chain, no backtrace.
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            // A shutdown that lost acknowledged spans has a code of its own,
+            // so that supervisors and alerts can tell it from a failure to start.
+            match e.downcast_ref::<node::NodeError>() {
+                Some(node::NodeError::Lost { .. }) => ExitCode::from(3),
+                _ => ExitCode::from(2),
+            }
         }
     }
 }

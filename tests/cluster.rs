@@ -256,10 +256,10 @@ async fn scaling_up_and_down_never_splits_a_trace() {
 }
 
 /// A node leaves while its only peer hangs (SIGSTOP): the handoff is never
-/// confirmed, so once `shutdown.grace_secs` is over the node exits anyway
-/// and counts every span it had on the wire as possibly lost
-/// (`shutdown_undelivered`, logged with the count) instead of dropping them
-/// silently.
+/// confirmed, so within `shutdown.grace_secs` the node exits anyway, counts
+/// every span it had on the wire as possibly lost (`shutdown_undelivered`,
+/// logged with the count) instead of dropping them silently, and says so
+/// with exit code 3.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leaving_node_counts_what_a_hung_peer_never_confirmed() {
     let q = TestQueue::new("hung").await;
@@ -302,7 +302,7 @@ async fn a_leaving_node_counts_what_a_hung_peer_never_confirmed() {
         .await
         .unwrap();
     a.signal("CONT");
-    assert!(status.success(), "{status:?}\n{logs}");
+    assert_eq!(status.code(), Some(3), "{status:?}\n{logs}");
     let stranded = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -608,6 +608,148 @@ async fn sigterm_flushes_buffered_traces() {
     q.delete().await;
 }
 
+/// SIGTERM while two clients hold requests open: one has sent the headers
+/// of an OTLP/HTTP request and a little of its body, the other an OTLP/gRPC
+/// stream whose message never ends. Each is known to be in flight first (the
+/// 100-continue the server sends when it starts reading the body; an answer
+/// on the same HTTP/2 connection, whose frames the server reads in order).
+/// The node waits for them only briefly: it exits within
+/// `shutdown.grace_secs` (plus 1 s for the process itself), with success,
+/// and every trace it had buffered is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_within_grace_while_clients_hold_requests_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const GRACE_SECS: u64 = 3;
+    let mut q = TestQueue::new("held").await;
+    let gw = Gateway::start(
+        &amqp_url(),
+        &q.exchange,
+        &[
+            ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "600"),
+            ("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "600"),
+            ("TAILGATE_SHUTDOWN__GRACE_SECS", &GRACE_SECS.to_string()),
+        ],
+    );
+    gw.wait_metric("tailgate_broker_connected", &[], 1.0).await;
+    let ids: Vec<_> = (0..20).map(|i| trace_id(78, i)).collect();
+    let spans: Vec<_> = ids
+        .iter()
+        .flat_map(|id| order_trace(*id, 5, Some("flush me")))
+        .collect();
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    assert_eq!(gw.metric("tailgate_buffer_traces", &[]).await, 20.0);
+
+    // OTLP/HTTP: a 1 MB body announced, 100 bytes of it sent.
+    let mut slow_body = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    slow_body
+        .write_all(
+            b"POST /v1/traces HTTP/1.1\r\nhost: tailgate\r\ncontent-type: application/x-protobuf\r\n\
+              content-length: 1000000\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = [0u8; 25];
+    slow_body.read_exact(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 100 Continue"), "{answer:?}");
+    slow_body.write_all(&[0u8; 100]).await.unwrap();
+
+    // OTLP/gRPC: a message of 4096 bytes announced, none sent.
+    let tcp = tokio::net::TcpStream::connect(gw.grpc).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let export = || {
+        http::Request::post(format!(
+            "{}/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            gw.grpc_url()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+    };
+    let mut h2 = h2.ready().await.unwrap();
+    let (_held, mut held_stream) = h2.send_request(export(), false).unwrap();
+    held_stream
+        .send_data(bytes::Bytes::from_static(&[0, 0, 0, 0x10, 0]), false)
+        .unwrap();
+    // An empty export on the same connection: once it is answered, the
+    // server has read the held stream's frames too.
+    let mut h2 = h2.ready().await.unwrap();
+    let (answered, mut empty) = h2.send_request(export(), false).unwrap();
+    empty
+        .send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    assert_eq!(answered.await.unwrap().status(), 200);
+
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || gw.terminate())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took < std::time::Duration::from_secs(GRACE_SECS + 1),
+        "exited {took:?} after SIGTERM, grace {GRACE_SECS} s"
+    );
+    let got: BTreeSet<String> = q.take(20).await.iter().map(Received::trace_id).collect();
+    assert_eq!(got, ids.iter().map(|id| hex(id)).collect());
+    drop((slow_body, held_stream));
+    q.delete().await;
+}
+
+/// SIGTERM with the broker unreachable: the kept traces it buffered can
+/// never be confirmed. The node still exits within `shutdown.grace_secs`
+/// (plus 1 s for the process), logs how many acknowledged spans it lost
+/// (counted as `shutdown_unpublished`), and exits with code 3, so that the
+/// loss is not mistaken for a clean stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_the_broker_down_exits_3_within_grace() {
+    const GRACE_SECS: u64 = 2;
+    let q = TestQueue::new("down-exit").await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap(), false).await;
+    let gw = Gateway::start(
+        &proxy.amqp_url(),
+        &q.exchange,
+        &[
+            ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "600"),
+            ("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "600"),
+            ("TAILGATE_SHUTDOWN__GRACE_SECS", &GRACE_SECS.to_string()),
+        ],
+    );
+    let spans: Vec<_> = (0..5)
+        .flat_map(|i| order_trace(trace_id(79, i), 5, Some("no broker")))
+        .collect();
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    assert_eq!(gw.metric("tailgate_buffer_traces", &[]).await, 5.0);
+
+    let started = std::time::Instant::now();
+    let (status, logs) = tokio::task::spawn_blocking(move || gw.terminate_with_logs())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(3), "{status:?}\n{logs}");
+    assert!(
+        took < std::time::Duration::from_secs(GRACE_SECS + 1),
+        "exited {took:?} after SIGTERM, grace {GRACE_SECS} s"
+    );
+    let lost = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("shutdown grace period over"))
+        })
+        .and_then(|l| l["fields"]["spans"].as_f64())
+        .unwrap_or_else(|| panic!("no count of lost spans in the logs:\n{logs}"));
+    assert_eq!(lost, spans.len() as f64);
+    q.delete().await;
+}
+
 /// `tailgate gateway --check-config` accepts the shipped example and rejects
 /// a misspelt key with its file, line and column, without starting a node.
 #[test]

@@ -1,10 +1,25 @@
-//! One gateway node: binds the ports, joins the cluster, starts every stage,
-//! and shuts down in order: leave the cluster, stop accepting, hand buffered
-//! traces to their new owners (or decide them, alone), drain the outbox.
+//! One gateway node's life: [`Node::start`] binds the ports, joins the
+//! cluster and starts every stage; [`Node::shutdown`] stops it in named
+//! steps, in order, all within one deadline: `shutdown.grace_secs` from the
+//! moment it begins, whatever clients and peers do.
+//!
+//! 1. [`leave the cluster`](Node::leave_cluster): peers stop routing here.
+//! 2. [`stop receiving`](Node::stop_receiving): new requests are refused,
+//!    idle connections closed, requests in flight get a short time, and
+//!    connections still open after it are cut.
+//! 3. [`hand off or decide`](Node::hand_off_or_decide): every buffered trace
+//!    goes to its owner in the ring without this node, or, for whatever no
+//!    peer confirmed in time, is decided here at once.
+//! 4. [`drain the outbox`](Node::drain_outbox): kept traces wait for the
+//!    broker's confirms until the deadline.
+//!
+//! What a shutdown loses (acknowledged spans neither confirmed by the broker
+//! nor by a peer) is counted with its reason, logged, and returned as
+//! [`NodeError::Lost`], so the process exits non-zero.
 
 use crate::{
     admin,
-    cluster::{Cluster, peer::PeerService, ring::PeerId},
+    cluster::{Cluster, forward::Rerouted, peer::PeerService, ring::PeerId},
     config::Config,
     decide::reload,
     metrics::{DropReason, Metrics},
@@ -13,14 +28,21 @@ use crate::{
     receive,
 };
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{Mutex, mpsc},
+    task::JoinHandle,
+    time::{Instant, timeout, timeout_at},
+};
 use tracing::{error, info};
 
 /// How often due traces are looked for. Decisions are late by at most this.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(10);
-/// How long the internal and admin servers may take to stop at the end of a
-/// shutdown, once everything is flushed.
-const SERVER_STOP: Duration = Duration::from_secs(1);
+/// Longest wait for peers to hear this node leave.
+const LEAVE_WAIT: Duration = Duration::from_secs(2);
+/// Longest wait for requests in flight once receiving stops: an OTLP
+/// export takes milliseconds; a client still sending after this is stalled.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -34,6 +56,38 @@ pub enum NodeError {
     },
     #[error("{what} server failed: {message}")]
     Serve { what: &'static str, message: String },
+    #[error(
+        "the shutdown lost {spans} acknowledged spans (counted in tailgate_spans_dropped_total)"
+    )]
+    Lost { spans: u64 },
+}
+
+type Server = JoinHandle<Result<(), NodeError>>;
+
+/// A running gateway node: the tasks of every stage, held until [`Node::shutdown`].
+#[derive(Debug)]
+pub struct Node {
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    outbox: Arc<Outbox>,
+    grace: Duration,
+    /// Drained once the receivers, and the loops that only serve them, have stopped.
+    receiving: drain::Signal,
+    grpc: Server,
+    http: Server,
+    refresher: JoinHandle<()>,
+    rules_watcher: Option<JoinHandle<()>>,
+    rebalancer: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+    rerouter: JoinHandle<()>,
+    /// Spans whose peer left, waiting to be routed again; shared with the
+    /// rerouter, so that what it has not taken yet is still here after it stops.
+    rerouted: Arc<Mutex<mpsc::UnboundedReceiver<Rerouted>>>,
+    publisher: JoinHandle<()>,
+    /// The internal and admin ports serve until the end: peers greet and
+    /// scrapers scrape while the node shuts down.
+    peer_server: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin_server: Server,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
@@ -48,279 +102,364 @@ fn local(listener: &TcpListener) -> String {
         .map_or_else(|e| e.to_string(), |a| a.to_string())
 }
 
-/// Runs a gateway node until `shutdown` resolves, then flushes and returns.
+/// Runs a gateway node until `shutdown` resolves (or a receiver fails), then
+/// shuts it down.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
-    // Refuse to start on broken rules, before taking any port.
-    let rules = Arc::new(reload::initial(&cfg)?);
-    let grpc_listener = bind("OTLP/gRPC", cfg.receiver.grpc_listen).await?;
-    let http_listener = bind("OTLP/HTTP", cfg.receiver.http_listen).await?;
-    let admin_listener = bind("admin", cfg.admin_listen).await?;
-    let peer_listener = bind("cluster", cfg.cluster.listen).await?;
-    let me = advertise(&cfg, &peer_listener);
+    let mut node = Node::start(&cfg).await?;
+    let failure = node.serve_until(shutdown).await;
+    node.shutdown(failure).await
+}
 
-    let metrics = Arc::new(Metrics::with_decision_wait(cfg.buffer.decision_wait));
-    let holding = cfg.buffer.trace_timeout + cfg.buffer.decision_wait;
-    let (cluster, mut rerouted) =
-        Cluster::new(&cfg.cluster, me.clone(), Arc::clone(&metrics), holding);
-    let membership = Arc::clone(&cluster.membership);
-    metrics
-        .rules_hash
-        .set(i64::try_from(rules.hash_u48()).unwrap_or(0));
-    info!(rules = rules.len(), hash = %rules.hash_hex(), file = ?cfg.rules.file, "sampling rules in force");
-    let outbox = Arc::new(Outbox::new(cfg.rabbitmq.outbox_max_bytes.get()));
-    let pipeline = Arc::new(Pipeline::new(
-        &cfg,
-        rules,
-        Arc::clone(&metrics),
-        Arc::clone(&outbox),
-        cluster,
-    ));
+impl Node {
+    /// Binds every port, joins the cluster, and starts every stage.
+    pub async fn start(cfg: &Config) -> Result<Self, NodeError> {
+        // Refuse to start on broken rules, before taking any port.
+        let rules = Arc::new(reload::initial(cfg)?);
+        let grpc_listener = bind("OTLP/gRPC", cfg.receiver.grpc_listen).await?;
+        let http_listener = bind("OTLP/HTTP", cfg.receiver.http_listen).await?;
+        let admin_listener = bind("admin", cfg.admin_listen).await?;
+        let peer_listener = bind("cluster", cfg.cluster.listen).await?;
+        let me = advertise(cfg, &peer_listener);
 
-    // The internal port serves peers from the start, so seeds can greet back.
-    let (peer_stop_tx, peer_stop_rx) = watch::channel(false);
-    let peer_server = {
-        let service = PeerService::new(
-            Arc::clone(&pipeline),
-            4 * cfg.receiver.max_request_bytes.get(),
+        let metrics = Arc::new(Metrics::with_decision_wait(cfg.buffer.decision_wait));
+        let holding = cfg.buffer.trace_timeout + cfg.buffer.decision_wait;
+        let (cluster, rerouted) =
+            Cluster::new(&cfg.cluster, me.clone(), Arc::clone(&metrics), holding);
+        let membership = Arc::clone(&cluster.membership);
+        metrics
+            .rules_hash
+            .set(i64::try_from(rules.hash_u48()).unwrap_or(0));
+        info!(rules = rules.len(), hash = %rules.hash_hex(), file = ?cfg.rules.file, "sampling rules in force");
+        let outbox = Arc::new(Outbox::new(cfg.rabbitmq.outbox_max_bytes.get()));
+        let pipeline = Arc::new(Pipeline::new(
+            cfg,
+            rules,
+            Arc::clone(&metrics),
+            Arc::clone(&outbox),
+            cluster,
+        ));
+
+        // The internal port serves peers from the start, so seeds can greet back.
+        let peer_server = {
+            let service = PeerService::new(
+                Arc::clone(&pipeline),
+                4 * cfg.receiver.max_request_bytes.get(),
+            );
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(
+                        peer_listener,
+                    )),
+            )
+        };
+        // Join before taking traffic: greet the seeds once, so routing starts agreed.
+        membership.refresh().await;
+        let refresher = {
+            let pipeline = Arc::clone(&pipeline);
+            let every = cfg.cluster.refresh;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    pipeline.cluster().membership.refresh().await;
+                    pipeline.hand_off_traces();
+                }
+            })
+        };
+        // On every membership change, hand off what this node no longer owns.
+        let rebalancer = {
+            let pipeline = Arc::clone(&pipeline);
+            let mut changes = membership.changes();
+            tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    let cluster = pipeline.cluster();
+                    for peer in cluster.membership.take_failed() {
+                        let lost = cluster.forwarder.possibly_lost_with(&peer);
+                        spans_lost_with(&pipeline, &peer, lost);
+                    }
+                    pipeline.rebalance();
+                }
+            })
+        };
+        let rerouted = Arc::new(Mutex::new(rerouted));
+        let rerouter = {
+            let pipeline = Arc::clone(&pipeline);
+            let rerouted = Arc::clone(&rerouted);
+            tokio::spawn(async move {
+                let mut rerouted = rerouted.lock().await;
+                // `recv` is cancel-safe: aborting this task loses nothing.
+                while let Some(spans) = rerouted.recv().await {
+                    pipeline.reroute(spans);
+                }
+            })
+        };
+
+        // Tests and operators read the actual ports here (a configured port 0 is picked by the OS).
+        info!(
+            grpc = %local(&grpc_listener),
+            http = %local(&http_listener),
+            admin = %local(&admin_listener),
+            peer = %me,
+            peers = membership.ring().len(),
+            exchange = %cfg.rabbitmq.exchange,
+            "tailgate gateway ready"
         );
-        let mut stop = peer_stop_rx;
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(peer_listener),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                )
-                .await
-        })
-    };
-    // Join before taking traffic: greet the seeds once, so routing starts agreed.
-    membership.refresh().await;
-    let refresher = {
-        let pipeline = Arc::clone(&pipeline);
-        let every = cfg.cluster.refresh;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                pipeline.cluster().membership.refresh().await;
-                pipeline.hand_off_traces();
-            }
-        })
-    };
-    // On every membership change, hand off what this node no longer owns.
-    let rebalancer = {
-        let pipeline = Arc::clone(&pipeline);
-        let mut changes = membership.changes();
-        tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                let cluster = pipeline.cluster();
-                for peer in cluster.membership.take_failed() {
-                    let lost = cluster.forwarder.possibly_lost_with(&peer);
-                    pipeline_metrics_lost(&pipeline, &peer, lost);
+        let rules_watcher = cfg.rules.file.clone().map(|path| {
+            let pipeline = Arc::clone(&pipeline);
+            let metrics = Arc::clone(&metrics);
+            let interval = cfg.rules.check_interval;
+            tokio::spawn(async move {
+                reload::watch(&path, interval, pipeline.decider(), &metrics).await;
+            })
+        });
+        let publisher = tokio::spawn(amqp::run(
+            cfg.rabbitmq.clone(),
+            Arc::clone(&outbox),
+            Arc::clone(&metrics),
+        ));
+        let sweeper = {
+            let pipeline = Arc::clone(&pipeline);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    pipeline.sweep();
                 }
-                pipeline.rebalance();
-            }
-        })
-    };
-    // Hands its channel back when told to stop, so that a shutdown whose
-    // handoff ran out of time can keep what is still waiting in it.
-    let (reroute_stop_tx, mut reroute_stop) = watch::channel(false);
-    let rerouter = {
-        let pipeline = Arc::clone(&pipeline);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    spans = rerouted.recv() => match spans {
-                        Some(spans) => pipeline.reroute(spans),
-                        None => break,
-                    },
-                    _ = reroute_stop.wait_for(|stop| *stop) => break,
-                }
-            }
-            rerouted
-        })
-    };
+            })
+        };
 
-    // Tests and operators read the actual ports here (a configured port 0 is picked by the OS).
-    info!(
-        grpc = %local(&grpc_listener),
-        http = %local(&http_listener),
-        admin = %local(&admin_listener),
-        peer = %me,
-        peers = membership.ring().len(),
-        exchange = %cfg.rabbitmq.exchange,
-        "tailgate gateway ready"
-    );
-    let rules_watcher = cfg.rules.file.clone().map(|path| {
-        let pipeline = Arc::clone(&pipeline);
-        let metrics = Arc::clone(&metrics);
-        let interval = cfg.rules.check_interval;
-        tokio::spawn(async move {
-            reload::watch(&path, interval, pipeline.decider(), &metrics).await;
-        })
-    });
-    let max_request = cfg.receiver.max_request_bytes.get();
-
-    let publisher = tokio::spawn(amqp::run(
-        cfg.rabbitmq.clone(),
-        Arc::clone(&outbox),
-        Arc::clone(&metrics),
-    ));
-    let sweeper = {
-        let pipeline = Arc::clone(&pipeline);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                pipeline.sweep();
-            }
-        })
-    };
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-
-    let grpc_service =
-        receive::grpc::TraceService::new(Arc::clone(&pipeline), Arc::clone(&metrics), max_request);
-    let grpc: JoinHandle<Result<(), NodeError>> = tokio::spawn({
-        let stopped = stopped();
-        async move {
-            tonic::transport::Server::builder()
-                .add_service(grpc_service)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(grpc_listener),
-                    stopped,
-                )
-                .await
-                .map_err(|e| NodeError::Serve {
+        let (receiving, watch) = drain::channel();
+        let max_request = cfg.receiver.max_request_bytes.get();
+        let grpc_service = receive::grpc::TraceService::new(
+            Arc::clone(&pipeline),
+            Arc::clone(&metrics),
+            max_request,
+        );
+        let grpc = {
+            let watch = watch.clone();
+            tokio::spawn(async move {
+                let stopped = signaled(&watch);
+                let served = tonic::transport::Server::builder()
+                    .add_service(grpc_service)
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(grpc_listener),
+                        stopped,
+                    )
+                    .await;
+                drop(watch);
+                served.map_err(|e| NodeError::Serve {
                     what: "OTLP/gRPC",
                     message: e.to_string(),
                 })
-        }
-    });
-    let http_router =
-        receive::http::router(Arc::clone(&pipeline), Arc::clone(&metrics), max_request);
-    let http = serve("OTLP/HTTP", http_listener, http_router, stopped());
-    let admin_router = admin::router(Arc::clone(&pipeline), Arc::clone(&metrics));
-    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    let admin = serve("admin", admin_listener, admin_router, async move {
-        let mut rx = admin_stop_rx;
-        let _ = rx.wait_for(|stop| *stop).await;
-    });
+            })
+        };
+        let http_router =
+            receive::http::router(Arc::clone(&pipeline), Arc::clone(&metrics), max_request);
+        let http = serve("OTLP/HTTP", http_listener, http_router, Some(watch));
+        let admin_router = admin::router(Arc::clone(&pipeline), Arc::clone(&metrics));
+        let admin_server = serve("admin", admin_listener, admin_router, None);
+        Ok(Self {
+            pipeline,
+            metrics,
+            outbox,
+            grace: cfg.shutdown_grace,
+            receiving,
+            grpc,
+            http,
+            refresher,
+            rules_watcher,
+            rebalancer,
+            sweeper,
+            rerouter,
+            rerouted,
+            publisher,
+            peer_server,
+            admin_server,
+        })
+    }
 
-    // Run until told to stop, or until a receiver fails (then flush and report it).
-    let mut grpc = grpc;
-    let mut http = http;
-    let failure = tokio::select! {
-        () = shutdown => None,
-        r = &mut grpc => Some(server_failure("OTLP/gRPC", r)),
-        r = &mut http => Some(server_failure("OTLP/HTTP", r)),
-    };
-    info!(
-        "shutting down: leaving the cluster, refusing new requests, handing off or deciding buffered traces, draining the outbox"
-    );
-    membership.leave().await;
-    pipeline.stop_accepting();
-    let _ = stop_tx.send(true);
-    if failure.is_none() {
-        // In-flight requests finish; a client that holds its connection
-        // open cannot delay the flush past the grace period.
-        for (what, server) in [("OTLP/gRPC", grpc), ("OTLP/HTTP", http)] {
-            match tokio::time::timeout(cfg.shutdown_grace, server).await {
-                Ok(r) => {
-                    if let Some(e) = server_failure(what, r) {
-                        error!(error = %e, "receiver failed while stopping");
-                    }
-                }
-                Err(_) => error!("{what} server did not stop within the grace period"),
+    /// Serves until `shutdown` resolves, or until a receiver fails (its error
+    /// is returned, for the shutdown to report after flushing).
+    pub async fn serve_until(&mut self, shutdown: impl Future<Output = ()>) -> Option<NodeError> {
+        tokio::select! {
+            () = shutdown => None,
+            r = &mut self.grpc => Some(server_failure("OTLP/gRPC", r)),
+            r = &mut self.http => Some(server_failure("OTLP/HTTP", r)),
+        }
+        .flatten()
+    }
+
+    /// Stops the node within `shutdown.grace_secs`; see the module's steps.
+    /// A receiver's `failure` is returned once everything is flushed.
+    pub async fn shutdown(self, failure: Option<NodeError>) -> Result<(), NodeError> {
+        let deadline = Instant::now() + self.grace;
+        info!(
+            grace = ?self.grace,
+            "shutting down: leaving the cluster, refusing new requests, handing off or deciding buffered traces, draining the outbox"
+        );
+        self.leave_cluster(deadline).await;
+        let node = self.stop_receiving(deadline, failure.is_some()).await;
+        let undelivered = node.hand_off_or_decide(deadline).await;
+        let (unpublished, servers) = node.drain_outbox(deadline).await;
+        servers.stop();
+        if let Some(failure) = failure {
+            return Err(failure);
+        }
+        match undelivered + unpublished {
+            0 => Ok(()),
+            spans => Err(NodeError::Lost { spans }),
+        }
+    }
+
+    /// Step 1: out of the ring, and every peer told, so they stop routing here.
+    async fn leave_cluster(&self, deadline: Instant) {
+        let within = LEAVE_WAIT.min(share(deadline, 10));
+        self.pipeline.cluster().membership.leave(within).await;
+    }
+
+    /// Step 2: refuse new requests, let those in flight finish for a short
+    /// time, then cut what is still open. Nothing acknowledged is cut: a
+    /// request is acknowledged only once its spans are in.
+    async fn stop_receiving(self, deadline: Instant, failed: bool) -> Receiving {
+        self.pipeline.stop_accepting();
+        self.refresher.abort();
+        if let Some(watcher) = &self.rules_watcher {
+            watcher.abort();
+        }
+        // A failed receiver has nothing in flight worth waiting for.
+        if !failed {
+            let within = IN_FLIGHT_WAIT.min(share(deadline, 5));
+            // Resolves once both receivers have returned, dropping their watches.
+            if timeout(within, self.receiving.drain()).await.is_err() {
+                error!(
+                    "requests still open {within:?} after the receivers stopped accepting; closing their connections"
+                );
             }
         }
-    } else {
-        grpc.abort();
-        http.abort();
+        self.grpc.abort();
+        self.http.abort();
+        Receiving {
+            pipeline: self.pipeline,
+            metrics: self.metrics,
+            outbox: self.outbox,
+            rebalancer: self.rebalancer,
+            sweeper: self.sweeper,
+            rerouter: self.rerouter,
+            rerouted: self.rerouted,
+            publisher: self.publisher,
+            servers: Servers {
+                peer: self.peer_server,
+                admin: self.admin_server,
+            },
+        }
     }
-    refresher.abort();
-    if let Some(watcher) = rules_watcher {
-        watcher.abort();
-    }
-    // Hand every buffered trace to its owner in the ring without this node,
-    // and wait until the peers confirmed them; then decide whatever is still
-    // here (everything, for a node alone).
-    pipeline.rebalance();
-    let handed_off =
-        tokio::time::timeout(cfg.shutdown_grace, pipeline.cluster().forwarder.drained())
+}
+
+/// A node that no longer receives, with what the later steps need.
+struct Receiving {
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    outbox: Arc<Outbox>,
+    rebalancer: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+    rerouter: JoinHandle<()>,
+    rerouted: Arc<Mutex<mpsc::UnboundedReceiver<Rerouted>>>,
+    publisher: JoinHandle<()>,
+    servers: Servers,
+}
+
+impl Receiving {
+    /// Step 3: hand every buffered trace to its owner in the ring without
+    /// this node, and wait for the peers' confirms until half the time left;
+    /// then take back what is still queued and decide everything here (all
+    /// of it, for a node alone). Returns the spans counted as possibly lost:
+    /// on the wire to a peer that never confirmed them.
+    async fn hand_off_or_decide(&self, deadline: Instant) -> u64 {
+        let pipeline = &self.pipeline;
+        pipeline.rebalance();
+        let forwarder = &pipeline.cluster().forwarder;
+        let handed_off = timeout(share(deadline, 2), forwarder.drained())
             .await
             .is_ok();
-    let _ = reroute_stop_tx.send(true);
-    // Held until the count below: what lands in it later stays pending.
-    let mut rerouted = rerouter.await.ok();
-    if !handed_off {
-        error!(
-            waiting_bytes = pipeline.cluster().forwarder.bytes(),
-            "could not hand all buffered traces to peers within the grace period; deciding them here"
-        );
-        let mut waiting = Vec::new();
-        if let Some(rerouted) = rerouted.as_mut() {
+        self.rerouter.abort();
+        // The rerouter has let go of the channel once it is aborted.
+        let mut rerouted = self.rerouted.lock().await;
+        if !handed_off {
+            error!(
+                waiting_bytes = forwarder.bytes(),
+                "could not hand all buffered traces to peers in time; deciding them here"
+            );
+            let mut waiting = Vec::new();
             while let Ok(spans) = rerouted.try_recv() {
                 waiting.push(spans);
             }
+            pipeline.take_back_undelivered(waiting);
         }
-        pipeline.take_back_undelivered(waiting);
+        self.rebalancer.abort();
+        self.sweeper.abort();
+        pipeline.close();
+        // Only after a handoff that ran out of time: spans on the wire to a
+        // peer that never confirmed them, or put back or rerouted since.
+        let stranded = forwarder.pending_spans();
+        if stranded > 0 {
+            self.metrics
+                .dropped(DropReason::ShutdownUndelivered, stranded);
+            error!(
+                spans = stranded,
+                "exiting with spans that no peer confirmed receiving; they may be lost"
+            );
+        }
+        stranded as u64
     }
-    rebalancer.abort();
-    sweeper.abort();
-    pipeline.close();
-    // Only after a handoff that ran out of time: spans on the wire to a peer
-    // that never confirmed them, or put back or rerouted since.
-    let stranded = pipeline.cluster().forwarder.pending_spans();
-    drop(rerouted);
-    if stranded > 0 {
-        metrics.dropped(DropReason::ShutdownUndelivered, stranded);
-        error!(
-            spans = stranded,
-            "exiting with spans that no peer confirmed receiving; they may be lost"
-        );
-    }
-    let waiting = outbox.messages();
-    let drained = tokio::time::timeout(cfg.shutdown_grace, outbox.drained())
-        .await
-        .is_ok();
-    publisher.abort();
-    if drained {
-        info!(messages = waiting, "outbox drained; exiting");
-    } else {
-        let spans = outbox.spans();
-        metrics.dropped(DropReason::ShutdownUnpublished, spans);
-        error!(messages = outbox.messages(), spans, grace = ?cfg.shutdown_grace, "shutdown grace period over with kept traces unconfirmed by the broker; they are lost");
-    }
-    // A graceful stop waits for every open connection to close, and a hung
-    // peer (or scraper) never closes its own: the calls still possible here
-    // are short (hellos, refused deliveries, scrapes), so wait briefly.
-    let _ = peer_stop_tx.send(true);
-    let _ = admin_stop_tx.send(true);
-    stopped_within(SERVER_STOP, "cluster", peer_server).await;
-    stopped_within(SERVER_STOP, "admin", admin).await;
-    failure.flatten().map_or(Ok(()), Err)
-}
 
-/// Waits up to `limit` for a server told to stop; past it, leaves it to the exit.
-async fn stopped_within<T>(limit: Duration, what: &str, server: JoinHandle<T>) {
-    if tokio::time::timeout(limit, server).await.is_err() {
-        error!(
-            "the {what} server still had open connections {limit:?} after it was told to stop; exiting anyway"
-        );
+    /// Step 4: wait for the broker to confirm every kept trace, until the
+    /// deadline. Returns the spans it did not confirm, and the servers left
+    /// to stop.
+    async fn drain_outbox(self, deadline: Instant) -> (u64, Servers) {
+        let outbox = &self.outbox;
+        let waiting = outbox.messages();
+        let drained = timeout_at(deadline, outbox.drained()).await.is_ok();
+        self.publisher.abort();
+        let lost = if drained {
+            info!(messages = waiting, "outbox drained; exiting");
+            0
+        } else {
+            let spans = outbox.spans();
+            self.metrics.dropped(DropReason::ShutdownUnpublished, spans);
+            error!(
+                messages = outbox.messages(),
+                spans,
+                "shutdown grace period over with kept traces unconfirmed by the broker; they are lost"
+            );
+            spans as u64
+        };
+        (lost, self.servers)
     }
 }
 
-fn pipeline_metrics_lost(pipeline: &Pipeline, peer: &PeerId, spans: usize) {
+/// The internal and admin servers, which serve to the end.
+struct Servers {
+    peer: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin: Server,
+}
+
+impl Servers {
+    /// Last: everything is flushed; the calls still possible here are short
+    /// (hellos, refused deliveries, scrapes), and a hung peer or scraper
+    /// must not hold the exit.
+    fn stop(self) {
+        self.peer.abort();
+        self.admin.abort();
+    }
+}
+
+/// `1 / parts` of the time left until `deadline`.
+fn share(deadline: Instant, parts: u32) -> Duration {
+    deadline.saturating_duration_since(Instant::now()) / parts
+}
+
+fn spans_lost_with(pipeline: &Pipeline, peer: &PeerId, spans: usize) {
     if spans > 0 {
         error!(peer = %peer, spans, "a peer vanished while it may still have held spans this node sent it; they are lost");
     }
@@ -368,19 +507,31 @@ fn server_failure(
     }
 }
 
+/// Resolves when the drain begins. The task that holds `watch` releases
+/// the drain by dropping it when it ends.
+fn signaled(watch: &drain::Watch) -> impl Future<Output = ()> + Send + 'static {
+    let watch = watch.clone();
+    async move { drop(watch.signaled().await) }
+}
+
+/// Serves `router`; with a `watch`, stops gracefully when it is signaled
+/// (idle connections close, requests in flight finish) and releases it.
 fn serve(
     what: &'static str,
     listener: TcpListener,
     router: axum::Router,
-    stopped: impl Future<Output = ()> + Send + 'static,
-) -> JoinHandle<Result<(), NodeError>> {
+    watch: Option<drain::Watch>,
+) -> Server {
     tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stopped)
-            .await
-            .map_err(|e| NodeError::Serve {
-                what,
-                message: e.to_string(),
-            })
+        let server = axum::serve(listener, router);
+        let served = match &watch {
+            Some(watch) => server.with_graceful_shutdown(signaled(watch)).await,
+            None => server.await,
+        };
+        drop(watch);
+        served.map_err(|e| NodeError::Serve {
+            what,
+            message: e.to_string(),
+        })
     })
 }

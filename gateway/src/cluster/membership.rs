@@ -288,7 +288,7 @@ impl Membership {
     }
 
     /// Graceful exit: drop out of the ring, and tell every peer at once.
-    pub async fn leave(&self) {
+    pub async fn leave(&self, within: Duration) {
         self.leaving.store(true, Ordering::Relaxed);
         self.recompute();
         let hello = self.hello_message();
@@ -298,9 +298,7 @@ impl Membership {
             let hello = hello.clone();
             calls.spawn(async move { client.hello(&hello).await });
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while calls.join_next().await.is_some() {}
-        })
-        .await;
+        let _ = tokio::time::timeout(within, async { while calls.join_next().await.is_some() {} })
+            .await;
     }
 }
