@@ -8,7 +8,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{hint::black_box, time::Instant};
 use tailgate_benches::request;
-use tailgate_gateway::route::{DecodedTrace, Detail, decode, split};
+use tailgate_gateway::{
+    route::split,
+    trace::{DecodedTrace, Detail, decode},
+};
 use tailgate_sampling_rules::Rules;
 
 /// Twenty rules of the kinds an SRE writes; most traces fall through to the

@@ -13,7 +13,10 @@
 //! that collects spans arriving meanwhile; they are handed back with the
 //! decision, so no span can slip between the buffer and the decision cache.
 
-use crate::{config, route::Fragment, route::TraceBatch};
+use crate::{
+    config,
+    trace::{Fragment, TraceBatch},
+};
 // Trace IDs are random, but clients choose them: a seeded hash, and a fast one.
 use dashmap::{DashMap, mapref::entry::Entry};
 use foldhash::fast::RandomState;

@@ -4,7 +4,8 @@
 //!
 //! 1. [`receive`]: OTLP over gRPC and HTTP, with admission control.
 //! 2. [`route`]: split a request into per-trace batches, spans still
-//!    encoded ([`wire`] walks the protobuf).
+//!    encoded ([`wire`] walks the protobuf; [`trace`] is what a batch is,
+//!    and how it is written out or decoded).
 //! 3. [`buffer`]: hold each trace until it is due.
 //! 4. [`decide`]: apply the sampling policy; remember decisions for late spans.
 //! 5. [`publish`]: the outbox and the RabbitMQ publisher with confirms.
@@ -20,6 +21,7 @@ pub mod decide;
 pub mod publish;
 pub mod receive;
 pub mod route;
+pub mod trace;
 
 pub mod admin;
 pub mod config;

@@ -21,7 +21,8 @@ use crate::{
     decide::{Decider, cache::DecisionCache},
     metrics::{DropReason, Metrics},
     publish::Outbox,
-    route::{self, Routed, TraceBatch},
+    route::{self, Routed},
+    trace::TraceBatch,
 };
 use std::{
     sync::{

@@ -8,71 +8,19 @@
 //!
 //! Spans stay encoded (see [`crate::wire`]): a batch holds each span's
 //! protobuf bytes, copied out of the request so the request itself can be
-//! freed. They are decoded when their trace is decided ([`decode`]).
+//! freed. What a batch is, and how it is decoded when its trace is decided,
+//! is the trace model's ([`crate::trace`]).
 
-use crate::wire::{self, Field, WireError, len_field_size, put_len_field};
-use bytes::Bytes;
-use foldhash::HashMap;
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::ExportTraceServiceRequest,
-    trace::v1::{ResourceSpans, ScopeSpans, Span},
+use crate::{
+    trace::{
+        Fragment, Header, RESOURCE_SPANS, ResourceHeader, SCOPE_SPANS, SPANS, ScopeHeader,
+        TraceBatch,
+    },
+    wire::{self, Field, WireError},
 };
-use prost::Message;
+use foldhash::HashMap;
 use std::sync::Arc;
-use tailgate_sampling_rules::{SpanRef, TraceId, TraceView};
-
-/// `ExportTraceServiceRequest.resource_spans`, `ResourceSpans.scope_spans`
-/// and `ScopeSpans.spans` all have field number 1 or 2.
-const RESOURCE_SPANS: u32 = 1;
-const SCOPE_SPANS: u32 = 2;
-const SPANS: u32 = 2;
-
-/// A resource or a scope as one request reported it: the fields of its
-/// `ResourceSpans` (or `ScopeSpans`) other than what it contains, encoded
-/// to be written out again unchanged, and decoded for the rules.
-#[derive(Debug)]
-pub struct Header<M> {
-    pub encoded: Bytes,
-    /// With its `scope_spans` (or `spans`) empty.
-    pub decoded: M,
-}
-
-impl<M: Message + Default> Header<M> {
-    fn new(fields: &[Field<'_>], what: &str) -> Result<Self, WireError> {
-        let encoded: Vec<u8> = fields.iter().flat_map(|f| f.raw).copied().collect();
-        let decoded =
-            M::decode(encoded.as_slice()).map_err(|e| WireError::new(format!("{what}: {e}")))?;
-        Ok(Self {
-            encoded: Bytes::from(encoded),
-            decoded,
-        })
-    }
-}
-
-pub type ResourceHeader = Arc<Header<ResourceSpans>>;
-pub type ScopeHeader = Arc<Header<ScopeSpans>>;
-
-/// Spans of one trace that share a resource and a scope, encoded.
-#[derive(Debug)]
-pub struct Fragment {
-    pub resource: ResourceHeader,
-    pub scope: ScopeHeader,
-    /// Each span as an encoded `ScopeSpans.spans` field (key, length, span),
-    /// so that the fragment is a valid `ScopeSpans` body on its own.
-    pub spans: Box<[u8]>,
-    pub span_count: usize,
-}
-
-/// The spans of one trace found in one request.
-#[derive(Debug)]
-pub struct TraceBatch {
-    pub trace_id: TraceId,
-    pub fragments: Vec<Fragment>,
-    pub span_count: usize,
-    /// Encoded OTLP size of the spans: what the buffer accounts.
-    pub bytes: usize,
-    pub has_root: bool,
-}
+use tailgate_sampling_rules::TraceId;
 
 /// A request split by trace.
 #[derive(Debug, Default)]
@@ -245,239 +193,17 @@ fn partition(message: &[u8], inner: u32) -> Result<(Vec<Field<'_>>, Vec<Field<'_
     Ok((contained, header))
 }
 
-/// Writes fragments as one encoded `ExportTraceServiceRequest`, merging
-/// fragments that came from the same request's resource and scope. Nothing
-/// is decoded: this is how spans travel to their owner.
-pub fn encode<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> Vec<u8> {
-    let tree = group(fragments);
-    // Encoded length of each resource's body, and of each of its scopes' bodies.
-    let lengths: Vec<(usize, Vec<usize>)> = tree
-        .iter()
-        .map(|(resource, scopes)| {
-            let scopes: Vec<usize> = scopes
-                .iter()
-                .map(|(scope, frags)| {
-                    scope.encoded.len() + frags.iter().map(|f| f.spans.len()).sum::<usize>()
-                })
-                .collect();
-            let body = resource.encoded.len()
-                + scopes
-                    .iter()
-                    .map(|len| len_field_size(SCOPE_SPANS, *len))
-                    .sum::<usize>();
-            (body, scopes)
-        })
-        .collect();
-    let total = lengths
-        .iter()
-        .map(|(len, _)| len_field_size(RESOURCE_SPANS, *len))
-        .sum();
-    let mut out = Vec::with_capacity(total);
-    for ((resource, scopes), (resource_len, scope_lens)) in tree.iter().zip(&lengths) {
-        put_len_field(&mut out, RESOURCE_SPANS, *resource_len);
-        out.extend_from_slice(&resource.encoded);
-        for ((scope, frags), scope_len) in scopes.iter().zip(scope_lens) {
-            put_len_field(&mut out, SCOPE_SPANS, *scope_len);
-            out.extend_from_slice(&scope.encoded);
-            for f in frags {
-                out.extend_from_slice(&f.spans);
-            }
-        }
-    }
-    out
-}
-
-/// Fragments by resource, then scope, in first-seen order.
-type Tree<'a> = Vec<(
-    &'a ResourceHeader,
-    Vec<(&'a ScopeHeader, Vec<&'a Fragment>)>,
-)>;
-
-/// Groups fragments by their resource, then scope (compared by identity, so
-/// only what came from one request merges).
-fn group<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> Tree<'a> {
-    let mut out: Tree<'a> = Vec::new();
-    for item in fragments {
-        let (resource, scope) = (&item.resource, &item.scope);
-        let r = match out.iter().position(|(k, _)| Arc::ptr_eq(k, resource)) {
-            Some(r) => r,
-            None => {
-                out.push((resource, Vec::new()));
-                out.len() - 1
-            }
-        };
-        let scopes = &mut out[r].1;
-        match scopes.iter_mut().find(|(k, _)| Arc::ptr_eq(k, scope)) {
-            Some((_, items)) => items.push(item),
-            None => scopes.push((scope, vec![item])),
-        }
-    }
-    out
-}
-
-/// A fragment with its spans decoded.
-#[derive(Debug)]
-pub struct Decoded {
-    pub resource: ResourceHeader,
-    pub scope: ScopeHeader,
-    pub spans: Vec<Span>,
-}
-
-/// How much of each span to decode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Detail {
-    /// Everything: for publishing, and for rules that read attributes.
-    Full,
-    /// All but attributes, events and links, which are most of a span's
-    /// bytes and allocations, and the trace and span IDs: enough for rules
-    /// that do not read attributes, and for nothing else.
-    Summary,
-}
-
-/// A span without its attributes, events and links, nor its trace and span
-/// IDs: the trace's ID is the buffer's key and no rule reads a span's own,
-/// and each would be an allocation. The tags are those of `Span`; prost
-/// skips the fields left out without allocating for them.
-#[derive(Clone, PartialEq, Message)]
-struct SpanSummary {
-    #[prost(string, tag = "3")]
-    trace_state: String,
-    #[prost(bytes = "vec", tag = "4")]
-    parent_span_id: Vec<u8>,
-    #[prost(fixed32, tag = "16")]
-    flags: u32,
-    #[prost(string, tag = "5")]
-    name: String,
-    #[prost(int32, tag = "6")]
-    kind: i32,
-    #[prost(fixed64, tag = "7")]
-    start_time_unix_nano: u64,
-    #[prost(fixed64, tag = "8")]
-    end_time_unix_nano: u64,
-    #[prost(message, optional, tag = "15")]
-    status: Option<opentelemetry_proto::tonic::trace::v1::Status>,
-}
-
-/// `ScopeSpans` with summarised spans: a fragment's bytes decode as this.
-#[derive(Clone, PartialEq, Message)]
-struct ScopeSpansSummary {
-    #[prost(message, repeated, tag = "2")]
-    spans: Vec<SpanSummary>,
-}
-
-impl From<SpanSummary> for Span {
-    fn from(s: SpanSummary) -> Self {
-        Span {
-            trace_state: s.trace_state,
-            parent_span_id: s.parent_span_id,
-            flags: s.flags,
-            name: s.name,
-            kind: s.kind,
-            start_time_unix_nano: s.start_time_unix_nano,
-            end_time_unix_nano: s.end_time_unix_nano,
-            status: s.status,
-            ..Span::default()
-        }
-    }
-}
-
-/// Decodes fragments' spans to `detail`. They were checked when they
-/// arrived, so this does not fail; a fragment that did would be left out
-/// and counted in the second value.
-pub fn decode(fragments: &[Fragment], detail: Detail) -> (Vec<Decoded>, usize) {
-    let mut undecodable = 0;
-    let decoded = fragments
-        .iter()
-        .filter_map(|f| {
-            let spans = match detail {
-                Detail::Full => ScopeSpans::decode(&*f.spans).map(|body| body.spans),
-                Detail::Summary => ScopeSpansSummary::decode(&*f.spans)
-                    .map(|body| body.spans.into_iter().map(Span::from).collect()),
-            };
-            match spans {
-                Ok(spans) => Some(Decoded {
-                    resource: Arc::clone(&f.resource),
-                    scope: Arc::clone(&f.scope),
-                    spans,
-                }),
-                Err(_) => {
-                    undecodable += f.span_count;
-                    None
-                }
-            }
-        })
-        .collect();
-    (decoded, undecodable)
-}
-
-/// A decoded trace, as the rules see it.
-#[derive(Debug)]
-pub struct DecodedTrace {
-    pub trace_id: TraceId,
-    pub fragments: Vec<Decoded>,
-}
-
-impl TraceView for DecodedTrace {
-    fn trace_id(&self) -> TraceId {
-        self.trace_id
-    }
-
-    fn spans(&self) -> impl Iterator<Item = SpanRef<'_>> {
-        self.fragments.iter().flat_map(|f| {
-            f.spans.iter().map(move |span| SpanRef {
-                resource: f.resource.decoded.resource.as_ref(),
-                scope: f.scope.decoded.scope.as_ref(),
-                span,
-            })
-        })
-    }
-}
-
-/// Re-assembles decoded fragments into OTLP, merging fragments that came
-/// from the same request's resource and scope.
-pub fn into_request(fragments: Vec<Decoded>) -> ExportTraceServiceRequest {
-    let mut out: Vec<ResourceSpans> = Vec::new();
-    // Parallel to `out`: the headers each entry was built from.
-    let mut keys: Vec<(ResourceHeader, Vec<ScopeHeader>)> = Vec::new();
-    for f in fragments {
-        let r = match keys.iter().position(|(k, _)| Arc::ptr_eq(k, &f.resource)) {
-            Some(r) => r,
-            None => {
-                out.push(ResourceSpans {
-                    resource: f.resource.decoded.resource.clone(),
-                    scope_spans: Vec::new(),
-                    schema_url: f.resource.decoded.schema_url.clone(),
-                });
-                keys.push((f.resource, Vec::new()));
-                out.len() - 1
-            }
-        };
-        let scopes = &mut keys[r].1;
-        let s = match scopes.iter().position(|k| Arc::ptr_eq(k, &f.scope)) {
-            Some(s) => s,
-            None => {
-                out[r].scope_spans.push(ScopeSpans {
-                    scope: f.scope.decoded.scope.clone(),
-                    spans: Vec::new(),
-                    schema_url: f.scope.decoded.schema_url.clone(),
-                });
-                scopes.push(f.scope);
-                scopes.len() - 1
-            }
-        };
-        out[r].scope_spans[s].spans.extend(f.spans);
-    }
-    ExportTraceServiceRequest {
-        resource_spans: out,
-    }
-}
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::trace::{Detail, decode, into_request};
     use opentelemetry_proto::tonic::{
+        collector::trace::v1::ExportTraceServiceRequest,
         common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value::Value},
         resource::v1::Resource,
+        trace::v1::{ResourceSpans, ScopeSpans, Span},
     };
+    use prost::Message;
 
     pub(crate) fn span(trace: u8, span: u8, parent: Option<u8>) -> Span {
         Span {
@@ -551,50 +277,6 @@ pub(crate) mod tests {
         assert_eq!(back.resource_spans[1].resource, Some(resource("crm-api")));
     }
 
-    /// A summary decode yields every span field a full decode does except
-    /// attributes, events, links and the IDs, so rules that read no
-    /// attributes see the same span either way (they read neither ID).
-    #[test]
-    fn summary_is_the_span_without_attributes_events_links_and_ids() {
-        use opentelemetry_proto::tonic::trace::v1::{Status, span};
-        let mut full = span(1, 2, Some(1));
-        full.trace_state = "ot=rv:0123456789abcd".into();
-        full.flags = 0x301;
-        full.kind = 2;
-        full.start_time_unix_nano = 1_000;
-        full.end_time_unix_nano = 5_000;
-        full.status = Some(Status {
-            message: "timeout".into(),
-            code: 2,
-        });
-        full.attributes = resource("x").attributes;
-        full.dropped_attributes_count = 3;
-        full.events = vec![span::Event {
-            name: "exception".into(),
-            ..Default::default()
-        }];
-        full.links = vec![span::Link {
-            trace_id: vec![7; 16],
-            span_id: vec![7; 8],
-            ..Default::default()
-        }];
-        let routed = split_request(&request(vec![("svc", vec![full.clone()])]));
-        let fragments = &routed.batches[0].fragments;
-        let (decoded, failed) = decode(fragments, Detail::Summary);
-        assert_eq!(failed, 0);
-        let expected = Span {
-            trace_id: Vec::new(),
-            span_id: Vec::new(),
-            attributes: Vec::new(),
-            dropped_attributes_count: 0,
-            events: Vec::new(),
-            links: Vec::new(),
-            ..full.clone()
-        };
-        assert_eq!(decoded[0].spans, vec![expected]);
-        assert_eq!(decode(fragments, Detail::Full).0[0].spans, vec![full]);
-    }
-
     /// Spans without a valid trace or span ID are rejected with a message; the rest pass.
     #[test]
     fn invalid_ids_are_rejected() {
@@ -610,36 +292,6 @@ pub(crate) mod tests {
         assert_eq!(routed.rejected, 3);
         assert_eq!(routed.span_count, 1);
         assert!(routed.rejection.unwrap().contains("trace_id"));
-    }
-
-    /// Fragments from the same request merge back into one resource and scope.
-    #[test]
-    fn reassembly_merges_shared_metadata() {
-        let mut routed = split_request(&request(vec![(
-            "a",
-            vec![span(1, 1, None), span(1, 2, Some(1))],
-        )]));
-        let back = into_request(decode(&routed.batches.remove(0).fragments, Detail::Full).0);
-        assert_eq!(back.resource_spans.len(), 1);
-        assert_eq!(back.resource_spans[0].scope_spans[0].spans.len(), 2);
-    }
-
-    /// Fragments written back out without decoding make the same request:
-    /// resources, scopes and spans byte for byte, merged as before.
-    #[test]
-    fn encoding_without_decoding_round_trips() {
-        let req = request(vec![
-            ("shop-api", vec![span(1, 1, None), span(1, 2, Some(1))]),
-            ("crm-api", vec![span(1, 3, Some(1))]),
-        ]);
-        let routed = split_request(&req);
-        let fragments = &routed.batches[0].fragments;
-        let bytes = encode(fragments.iter());
-        assert_eq!(bytes, req.encode_to_vec());
-        assert_eq!(
-            ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap(),
-            req
-        );
     }
 
     /// A request that prost would not decode is refused whole, saying why,

@@ -3,7 +3,8 @@
 
 use crate::{
     receive::decode_json,
-    route::{self, DecodedTrace},
+    route,
+    trace::{self, DecodedTrace},
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
@@ -132,7 +133,7 @@ fn group(requests: Vec<ExportTraceServiceRequest>) -> Result<Vec<DecodedTrace>, 
     for request in requests {
         let routed = route::split(&request.encode_to_vec()).map_err(|e| e.to_string())?;
         for batch in routed.batches {
-            let (fragments, _) = route::decode(&batch.fragments, route::Detail::Full);
+            let (fragments, _) = trace::decode(&batch.fragments, trace::Detail::Full);
             match traces.iter_mut().find(|t| t.trace_id == batch.trace_id) {
                 Some(t) => t.fragments.extend(fragments),
                 None => traces.push(DecodedTrace {

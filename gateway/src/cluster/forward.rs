@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     metrics::Metrics,
-    route::{self, TraceBatch},
+    trace::{self, TraceBatch},
 };
 use std::{
     collections::HashMap,
@@ -316,7 +316,7 @@ impl Forwarder {
             }
             let delivery = Delivery {
                 from: self.membership.me().to_string(),
-                spans: route::encode(batches.iter().flat_map(|b| &b.fragments)).into(),
+                spans: trace::encode(batches.iter().flat_map(|b| &b.fragments)).into(),
                 decisions,
             };
             let result = match self.membership.client(&peer) {

@@ -13,7 +13,7 @@ use crate::{
     config::Compression,
     metrics::{DropReason, Metrics},
     publish::{OutMessage, Outbox},
-    route::{Decoded, DecodedTrace, Detail, TraceBatch, decode, into_request},
+    trace::{Decoded, DecodedTrace, Detail, TraceBatch, decode, into_request},
 };
 use arc_swap::ArcSwap;
 use cache::{DecisionCache, Verdict};
