@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 // Every buffered span is a few dozen small allocations, freed later on
 // another thread; glibc's malloc spent about half the gateway's CPU on
 // that (and on re-zeroing pages it returned to the kernel). See
-// docs/performance.md for the before and after.
+// docs/performance-log.md ("Allocator") for the before and after.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

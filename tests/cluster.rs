@@ -119,7 +119,7 @@ async fn settled(nodes: &[&Gateway], traces: f64) -> usize {
         .await;
         let acked = metric_sum(
             nodes,
-            "tailgate_published_messages_total",
+            "tailgate_broker_publishes_total",
             &[("outcome", "ack")],
         )
         .await;

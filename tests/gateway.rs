@@ -99,7 +99,7 @@ async fn every_protocol_is_accepted_and_kept_traces_are_published() {
     }
     for protocol in ["grpc", "http_protobuf", "http_json"] {
         assert_eq!(
-            gw.metric("tailgate_received_spans_total", &[("protocol", protocol)])
+            gw.metric("tailgate_spans_received_total", &[("protocol", protocol)])
                 .await,
             3.0
         );
@@ -134,7 +134,7 @@ async fn run_sampling(tag: &str, n: u64) -> BTreeMap<String, (String, String)> {
         .metric("tailgate_traces_decided_total", &[("decision", "keep")])
         .await;
     gw.wait_metric(
-        "tailgate_published_messages_total",
+        "tailgate_broker_publishes_total",
         &[("outcome", "ack")],
         kept,
     )
@@ -268,12 +268,12 @@ async fn late_spans_follow_the_decision() {
     )
     .await;
     assert_eq!(
-        gw.metric("tailgate_late_spans_total", &[("decision", "keep")])
+        gw.metric("tailgate_spans_late_total", &[("decision", "keep")])
             .await,
         1.0
     );
     assert_eq!(
-        gw.metric("tailgate_late_spans_total", &[("decision", "drop")])
+        gw.metric("tailgate_spans_late_total", &[("decision", "drop")])
             .await,
         1.0
     );
@@ -431,7 +431,7 @@ async fn returned_and_nacked_messages_are_retried() {
     let resp = otlp::send_http_protobuf(&gw.http_url(), &otlp::request(&spans)).await;
     assert_eq!(resp.status(), 200);
     gw.wait_metric(
-        "tailgate_published_messages_total",
+        "tailgate_broker_publishes_total",
         &[("outcome", "returned")],
         1.0,
     )
@@ -441,7 +441,7 @@ async fn returned_and_nacked_messages_are_retried() {
     // Bound: one message fits, the broker nacks the others.
     q.bind().await;
     gw.wait_metric(
-        "tailgate_published_messages_total",
+        "tailgate_broker_publishes_total",
         &[("outcome", "nack")],
         1.0,
     )
@@ -454,7 +454,7 @@ async fn returned_and_nacked_messages_are_retried() {
     let want: BTreeSet<String> = ids.iter().map(|id| hex(id)).collect();
     assert_eq!(got, want);
     gw.wait_metric(
-        "tailgate_published_messages_total",
+        "tailgate_broker_publishes_total",
         &[("outcome", "ack")],
         3.0,
     )

@@ -26,7 +26,7 @@ impl Health for Gateway {
             Err("shutting down")
         } else if !self.pipeline.cluster().membership.is_member() {
             Err("not in the cluster's peer list (see logs)")
-        } else if self.metrics.broker_connected.get() == 0 {
+        } else if !self.metrics.publish.is_connected() {
             Err("not connected to the broker")
         } else if self.pipeline.is_shedding() {
             Err("shedding load: buffer or outbox full")

@@ -196,7 +196,7 @@ pub struct RawRabbitmq {
     /// confirms after its next disk sync, tens of milliseconds; a window
     /// smaller than the kept traces of that long makes the publisher send
     /// a few messages per confirm, each batch a hand-off to lapin's I/O
-    /// thread (see docs/performance.md, "Fixes").
+    /// thread (see docs/performance-log.md, "Fixes").
     pub max_in_flight: usize,
     /// A confirm not received within this is treated as a lost connection.
     pub confirm_timeout_secs: u64,

@@ -1,8 +1,13 @@
-//! Prometheus metrics of a gateway node.
+//! Prometheus metrics of a gateway node: one struct per stage, all in one
+//! registry, each metric declared and registered in one place.
 //!
-//! Counters are named `tailgate_<what>_<unit>_total` (the `_total` suffix is
-//! added by the client library). Every span that is not kept is counted in
-//! `tailgate_spans_dropped_total` with the reason.
+//! Names follow one rule (docs/configuration.md, "Metrics"):
+//! `tailgate_<subsystem>_<measure>[_<unit>]`, counters ending in `_total`
+//! (added by the client library). The subsystem is the accounting that
+//! every span and trace goes through (`spans`, `traces`), or the part of
+//! the node that counts it (`receiver`, `buffer`, `decision`, `cluster`,
+//! `outbox`, `broker`, `rules`). Every span that is not kept is counted in
+//! `tailgate_spans_dropped_total` with its reason.
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -80,42 +85,6 @@ struct Outcome {
     outcome: &'static str,
 }
 
-pub struct Metrics {
-    registry: Registry,
-    received_spans: Family<Protocol, Counter>,
-    requests: Family<RequestOutcome, Counter>,
-    dropped_spans: Family<Reason, Counter>,
-    decided_traces: Family<DecisionRule, Counter>,
-    decision_triggers: Family<Trigger, Counter>,
-    late_spans: Family<Decision, Counter>,
-    published_messages: Family<Outcome, Counter>,
-    published_spans: Counter,
-    published_bytes: Counter,
-    broker_connection_errors: Counter,
-    forwarded_spans: Family<Peer, Counter>,
-    forwarded_bytes: Family<Peer, Counter>,
-    peer_errors: Family<Peer, Counter>,
-    spans_lost_with_peer: Family<Peer, Counter>,
-    membership_changes: Counter,
-    pub handoff_traces: Counter,
-    pub handoff_decisions: Counter,
-    pub delivered_spans: Counter,
-    pub cluster_peers: Gauge,
-    pub forward_queue_bytes: Gauge,
-    rules_reloads: Counter,
-    rules_reload_failures: Counter,
-    pub rules_hash: Gauge,
-    pub buffer_traces: Gauge,
-    pub buffer_bytes: Gauge,
-    pub outbox_messages: Gauge,
-    pub outbox_bytes: Gauge,
-    pub decision_cache_entries: Gauge,
-    pub broker_connected: Gauge,
-    decision_latency: Histogram,
-    publish_latency: Histogram,
-    confirm_latency: Histogram,
-}
-
 /// Latency buckets from 5 ms to about 82 s, plus fine ones just past the
 /// decision wait: a trace is decided at `decision_wait` after its root at
 /// the earliest, so what operators watch (and the ≤ wait + 100 ms target)
@@ -131,6 +100,419 @@ fn latency_buckets(decision_wait_secs: f64) -> Vec<f64> {
     b.sort_by(f64::total_cmp);
     b.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
     b
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Stage 1, receive.
+#[derive(Debug, Default)]
+pub struct ReceiverMetrics {
+    spans: Family<Protocol, Counter>,
+    requests: Family<RequestOutcome, Counter>,
+}
+
+impl ReceiverMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tailgate_spans_received",
+            "Spans accepted from clients, by protocol (grpc, http_protobuf, http_json)",
+            self.spans.clone(),
+        );
+        r.register(
+            "tailgate_receiver_requests",
+            "Export requests by protocol and outcome (ok, partial, invalid, too_large, pushback, unsupported)",
+            self.requests.clone(),
+        );
+    }
+
+    pub fn received(&self, protocol: &'static str, spans: usize) {
+        self.spans
+            .get_or_create(&Protocol { protocol })
+            .inc_by(spans as u64);
+    }
+
+    pub fn request(&self, protocol: &'static str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestOutcome { protocol, outcome })
+            .inc();
+    }
+}
+
+/// Stage 3, buffer: gauges, set when metrics are read.
+#[derive(Debug, Default)]
+pub struct BufferMetrics {
+    traces: Gauge,
+    bytes: Gauge,
+}
+
+impl BufferMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tailgate_buffer_traces",
+            "Traces waiting for their decision",
+            self.traces.clone(),
+        );
+        r.register(
+            "tailgate_buffer_bytes",
+            "Encoded OTLP bytes of buffered spans",
+            self.bytes.clone(),
+        );
+    }
+
+    pub fn set(&self, traces: usize, bytes: usize) {
+        self.traces.set(gauge_value(traces));
+        self.bytes.set(gauge_value(bytes));
+    }
+}
+
+/// Stage 4, decide.
+#[derive(Debug)]
+pub struct DecisionMetrics {
+    traces: Family<DecisionRule, Counter>,
+    triggers: Family<Trigger, Counter>,
+    late_spans: Family<Decision, Counter>,
+    cache_entries: Gauge,
+    latency: Histogram,
+}
+
+impl DecisionMetrics {
+    fn new(buckets: &[f64]) -> Self {
+        Self {
+            traces: Family::default(),
+            triggers: Family::default(),
+            late_spans: Family::default(),
+            cache_entries: Gauge::default(),
+            latency: Histogram::new(buckets.iter().copied()),
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tailgate_traces_decided",
+            "Traces decided, by decision (keep, drop) and rule",
+            self.traces.clone(),
+        );
+        r.register(
+            "tailgate_decision_triggers",
+            "What made a trace due for its decision (root_wait, timeout, span_limit, byte_limit, memory_pressure, shutdown)",
+            self.triggers.clone(),
+        );
+        r.register(
+            "tailgate_spans_late",
+            "Spans that arrived after their trace was decided, by that decision",
+            self.late_spans.clone(),
+        );
+        r.register(
+            "tailgate_decision_cache_entries",
+            "Remembered decisions, for late spans",
+            self.cache_entries.clone(),
+        );
+        r.register(
+            "tailgate_decision_latency_seconds",
+            "From the root span's arrival (the first span's, if no root came) to the decision",
+            self.latency.clone(),
+        );
+    }
+
+    pub fn decided(&self, keep: bool, rule: &str, trigger: &'static str, latency_secs: f64) {
+        let decision = if keep { "keep" } else { "drop" };
+        self.traces
+            .get_or_create(&DecisionRule {
+                decision,
+                rule: rule.to_owned(),
+            })
+            .inc();
+        self.triggers.get_or_create(&Trigger { trigger }).inc();
+        self.latency.observe(latency_secs);
+    }
+
+    pub fn late(&self, keep: bool, spans: usize) {
+        let decision = if keep { "keep" } else { "drop" };
+        self.late_spans
+            .get_or_create(&Decision { decision })
+            .inc_by(spans as u64);
+    }
+
+    pub fn set_cache_entries(&self, entries: usize) {
+        self.cache_entries.set(gauge_value(entries));
+    }
+}
+
+/// The sampling rules in force.
+#[derive(Debug, Default)]
+pub struct RulesMetrics {
+    reloads: Counter,
+    reload_failures: Counter,
+    hash: Gauge,
+}
+
+impl RulesMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tailgate_rules_reloads",
+            "Changed rules files validated and put in force",
+            self.reloads.clone(),
+        );
+        r.register(
+            "tailgate_rules_reload_failures",
+            "Changed rules files refused as invalid (the previous rules stay in force)",
+            self.reload_failures.clone(),
+        );
+        r.register(
+            "tailgate_rules_hash",
+            "First 48 bits of the SHA-256 of the rules in force; differs between nodes running different rules",
+            self.hash.clone(),
+        );
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        if ok {
+            self.reloads.inc();
+        } else {
+            self.reload_failures.inc();
+        }
+    }
+
+    /// The rules in force, by their 48-bit hash.
+    pub fn in_force(&self, hash_u48: u64) {
+        self.hash.set(i64::try_from(hash_u48).unwrap_or(0));
+    }
+}
+
+/// Between nodes: forwarding, handoff, membership.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    peers: Gauge,
+    membership_changes: Counter,
+    forwarded_spans: Family<Peer, Counter>,
+    forwarded_bytes: Family<Peer, Counter>,
+    peer_errors: Family<Peer, Counter>,
+    spans_lost_with_peer: Family<Peer, Counter>,
+    pub handoff_traces: Counter,
+    pub handoff_decisions: Counter,
+    pub delivered_spans: Counter,
+    forward_queue_bytes: Gauge,
+}
+
+impl ClusterMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tailgate_cluster_peers",
+            "Live nodes in the ring, this one included",
+            self.peers.clone(),
+        );
+        r.register(
+            "tailgate_cluster_membership_changes",
+            "Changes of the live node set",
+            self.membership_changes.clone(),
+        );
+        r.register(
+            "tailgate_cluster_forwarded_spans",
+            "Spans delivered to the peer that owns their trace, by peer",
+            self.forwarded_spans.clone(),
+        );
+        r.register(
+            "tailgate_cluster_forwarded_bytes",
+            "Bytes of those spans, by peer",
+            self.forwarded_bytes.clone(),
+        );
+        r.register(
+            "tailgate_cluster_peer_errors",
+            "Failed calls to a peer (deliveries are retried), by peer",
+            self.peer_errors.clone(),
+        );
+        r.register(
+            "tailgate_cluster_spans_lost_with_peer",
+            "Spans this node delivered to a peer that then vanished without leaving, recently enough that it may not have decided them (an upper bound)",
+            self.spans_lost_with_peer.clone(),
+        );
+        r.register(
+            "tailgate_cluster_handoff_traces",
+            "Buffered traces handed to their new owner after a membership change",
+            self.handoff_traces.clone(),
+        );
+        r.register(
+            "tailgate_cluster_handoff_decisions",
+            "Remembered decisions handed to their trace's new owner",
+            self.handoff_decisions.clone(),
+        );
+        r.register(
+            "tailgate_cluster_delivered_spans",
+            "Spans received from peers (forwarded or handed off)",
+            self.delivered_spans.clone(),
+        );
+        r.register(
+            "tailgate_cluster_forward_queue_bytes",
+            "Bytes waiting to be delivered to peers",
+            self.forward_queue_bytes.clone(),
+        );
+    }
+
+    pub fn set_peers(&self, peers: usize) {
+        self.peers.set(gauge_value(peers));
+    }
+
+    pub fn set_forward_queue_bytes(&self, bytes: usize) {
+        self.forward_queue_bytes.set(gauge_value(bytes));
+    }
+
+    pub fn forwarded(&self, peer: &str, spans: usize, bytes: usize) {
+        let label = Peer {
+            peer: peer.to_owned(),
+        };
+        self.forwarded_spans
+            .get_or_create(&label)
+            .inc_by(spans as u64);
+        self.forwarded_bytes
+            .get_or_create(&label)
+            .inc_by(bytes as u64);
+    }
+
+    pub fn peer_error(&self, peer: &str) {
+        self.peer_errors
+            .get_or_create(&Peer {
+                peer: peer.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn spans_lost_with(&self, peer: &str, spans: usize) {
+        self.spans_lost_with_peer
+            .get_or_create(&Peer {
+                peer: peer.to_owned(),
+            })
+            .inc_by(spans as u64);
+    }
+
+    pub fn membership_change(&self) {
+        self.membership_changes.inc();
+    }
+}
+
+/// Stage 5, publish: the outbox and the broker.
+#[derive(Debug)]
+pub struct PublishMetrics {
+    outbox_messages: Gauge,
+    outbox_bytes: Gauge,
+    publishes: Family<Outcome, Counter>,
+    spans: Counter,
+    bytes: Counter,
+    connection_errors: Counter,
+    connected: Gauge,
+    latency: Histogram,
+    confirm_latency: Histogram,
+}
+
+impl PublishMetrics {
+    fn new(buckets: &[f64]) -> Self {
+        Self {
+            outbox_messages: Gauge::default(),
+            outbox_bytes: Gauge::default(),
+            publishes: Family::default(),
+            spans: Counter::default(),
+            bytes: Counter::default(),
+            connection_errors: Counter::default(),
+            connected: Gauge::default(),
+            latency: Histogram::new(buckets.iter().copied()),
+            // 1 ms to about 65 s: a broker's confirm takes its disk sync.
+            confirm_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
+            ),
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tailgate_outbox_messages",
+            "Kept-trace messages not yet confirmed by the broker",
+            self.outbox_messages.clone(),
+        );
+        r.register(
+            "tailgate_outbox_bytes",
+            "Bytes of kept-trace messages not yet confirmed by the broker",
+            self.outbox_bytes.clone(),
+        );
+        r.register(
+            "tailgate_broker_publishes",
+            "Publish attempts by broker outcome (ack, nack, returned, failed); nacked, returned and failed ones are retried",
+            self.publishes.clone(),
+        );
+        r.register(
+            "tailgate_spans_published",
+            "Spans in messages the broker confirmed",
+            self.spans.clone(),
+        );
+        r.register(
+            "tailgate_broker_published_bytes",
+            "Bytes of message bodies the broker confirmed, as sent (compressed)",
+            self.bytes.clone(),
+        );
+        r.register(
+            "tailgate_broker_connection_errors",
+            "Failed or lost broker connections",
+            self.connection_errors.clone(),
+        );
+        r.register(
+            "tailgate_broker_connected",
+            "1 while the publisher has a confirmed channel to the broker",
+            self.connected.clone(),
+        );
+        r.register(
+            "tailgate_traces_publish_latency_seconds",
+            "From the root span's arrival (the first span's, if no root came) to the broker's confirm of the kept trace",
+            self.latency.clone(),
+        );
+        r.register(
+            "tailgate_broker_confirm_latency_seconds",
+            "From publishing a kept trace to the broker's confirm of it",
+            self.confirm_latency.clone(),
+        );
+    }
+
+    pub fn set_outbox(&self, messages: usize, bytes: usize) {
+        self.outbox_messages.set(gauge_value(messages));
+        self.outbox_bytes.set(gauge_value(bytes));
+    }
+
+    pub fn outcome(&self, outcome: &'static str) {
+        self.publishes.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// A kept trace confirmed: `latency_secs` since its root arrived,
+    /// `confirm_secs` since it was published.
+    pub fn confirmed(&self, spans: usize, bytes: usize, latency_secs: f64, confirm_secs: f64) {
+        self.outcome("ack");
+        self.spans.inc_by(spans as u64);
+        self.bytes.inc_by(bytes as u64);
+        self.latency.observe(latency_secs);
+        self.confirm_latency.observe(confirm_secs);
+    }
+
+    pub fn connected(&self, up: bool) {
+        self.connected.set(i64::from(up));
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.get() == 1
+    }
+
+    pub fn connection_error(&self) {
+        self.connection_errors.inc();
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Every stage's drops, in one family: the accounting of what is not kept.
+    dropped_spans: Family<Reason, Counter>,
+    pub receiver: ReceiverMetrics,
+    pub buffer: BufferMetrics,
+    pub decision: DecisionMetrics,
+    pub rules: RulesMetrics,
+    pub cluster: ClusterMetrics,
+    pub publish: PublishMetrics,
 }
 
 impl Default for Metrics {
@@ -149,216 +531,27 @@ impl Metrics {
         let buckets = latency_buckets(decision_wait.as_secs_f64());
         let mut m = Self {
             registry: Registry::default(),
-            received_spans: Family::default(),
-            requests: Family::default(),
             dropped_spans: Family::default(),
-            decided_traces: Family::default(),
-            decision_triggers: Family::default(),
-            late_spans: Family::default(),
-            published_messages: Family::default(),
-            published_spans: Counter::default(),
-            published_bytes: Counter::default(),
-            broker_connection_errors: Counter::default(),
-            forwarded_spans: Family::default(),
-            forwarded_bytes: Family::default(),
-            peer_errors: Family::default(),
-            spans_lost_with_peer: Family::default(),
-            membership_changes: Counter::default(),
-            handoff_traces: Counter::default(),
-            handoff_decisions: Counter::default(),
-            delivered_spans: Counter::default(),
-            cluster_peers: Gauge::default(),
-            forward_queue_bytes: Gauge::default(),
-            rules_reloads: Counter::default(),
-            rules_reload_failures: Counter::default(),
-            rules_hash: Gauge::default(),
-            buffer_traces: Gauge::default(),
-            buffer_bytes: Gauge::default(),
-            outbox_messages: Gauge::default(),
-            outbox_bytes: Gauge::default(),
-            decision_cache_entries: Gauge::default(),
-            broker_connected: Gauge::default(),
-            decision_latency: Histogram::new(buckets.iter().copied()),
-            publish_latency: Histogram::new(buckets),
-            // 1 ms to about 65 s: a broker's confirm takes its disk sync.
-            confirm_latency: Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
-            ),
+            receiver: ReceiverMetrics::default(),
+            buffer: BufferMetrics::default(),
+            decision: DecisionMetrics::new(&buckets),
+            rules: RulesMetrics::default(),
+            cluster: ClusterMetrics::default(),
+            publish: PublishMetrics::new(&buckets),
         };
         let r = &mut m.registry;
-        r.register(
-            "tailgate_received_spans",
-            "Spans accepted from clients, by protocol (grpc, http_protobuf, http_json)",
-            m.received_spans.clone(),
-        );
-        r.register(
-            "tailgate_receiver_requests",
-            "Export requests by protocol and outcome (ok, partial, invalid, too_large, pushback, unsupported)",
-            m.requests.clone(),
-        );
         r.register(
             "tailgate_spans_dropped",
             "Spans not kept, by reason",
             m.dropped_spans.clone(),
         );
-        r.register(
-            "tailgate_traces_decided",
-            "Traces decided, by decision (keep, drop) and rule",
-            m.decided_traces.clone(),
-        );
-        r.register(
-            "tailgate_decision_triggers",
-            "What made a trace due for its decision (root_wait, timeout, span_limit, byte_limit, memory_pressure, shutdown)",
-            m.decision_triggers.clone(),
-        );
-        r.register(
-            "tailgate_late_spans",
-            "Spans that arrived after their trace was decided, by that decision",
-            m.late_spans.clone(),
-        );
-        r.register(
-            "tailgate_published_messages",
-            "Publish attempts by broker outcome (ack, nack, returned, failed); nacked, returned and failed ones are retried",
-            m.published_messages.clone(),
-        );
-        r.register(
-            "tailgate_published_spans",
-            "Spans in messages the broker confirmed",
-            m.published_spans.clone(),
-        );
-        r.register(
-            "tailgate_published_bytes",
-            "Bytes of message bodies the broker confirmed, as sent (compressed)",
-            m.published_bytes.clone(),
-        );
-        r.register(
-            "tailgate_broker_connection_errors",
-            "Failed or lost broker connections",
-            m.broker_connection_errors.clone(),
-        );
-        r.register(
-            "tailgate_cluster_peers",
-            "Live nodes in the ring, this one included",
-            m.cluster_peers.clone(),
-        );
-        r.register(
-            "tailgate_cluster_membership_changes",
-            "Changes of the live node set",
-            m.membership_changes.clone(),
-        );
-        r.register(
-            "tailgate_cluster_forwarded_spans",
-            "Spans delivered to the peer that owns their trace, by peer",
-            m.forwarded_spans.clone(),
-        );
-        r.register(
-            "tailgate_cluster_forwarded_bytes",
-            "Bytes of those spans, by peer",
-            m.forwarded_bytes.clone(),
-        );
-        r.register(
-            "tailgate_cluster_peer_errors",
-            "Failed calls to a peer (deliveries are retried), by peer",
-            m.peer_errors.clone(),
-        );
-        r.register(
-            "tailgate_cluster_spans_lost_with_peer",
-            "Spans this node delivered to a peer that then vanished without leaving, recently enough that it may not have decided them (an upper bound)",
-            m.spans_lost_with_peer.clone(),
-        );
-        r.register(
-            "tailgate_cluster_handoff_traces",
-            "Buffered traces handed to their new owner after a membership change",
-            m.handoff_traces.clone(),
-        );
-        r.register(
-            "tailgate_cluster_handoff_decisions",
-            "Remembered decisions handed to their trace's new owner",
-            m.handoff_decisions.clone(),
-        );
-        r.register(
-            "tailgate_cluster_delivered_spans",
-            "Spans received from peers (forwarded or handed off)",
-            m.delivered_spans.clone(),
-        );
-        r.register(
-            "tailgate_cluster_forward_queue_bytes",
-            "Bytes waiting to be delivered to peers",
-            m.forward_queue_bytes.clone(),
-        );
-        r.register(
-            "tailgate_rules_reloads",
-            "Changed rules files validated and put in force",
-            m.rules_reloads.clone(),
-        );
-        r.register(
-            "tailgate_rules_reload_failures",
-            "Changed rules files refused as invalid (the previous rules stay in force)",
-            m.rules_reload_failures.clone(),
-        );
-        r.register(
-            "tailgate_rules_hash",
-            "First 48 bits of the SHA-256 of the rules in force; differs between nodes running different rules",
-            m.rules_hash.clone(),
-        );
-        r.register(
-            "tailgate_buffer_traces",
-            "Traces waiting for their decision",
-            m.buffer_traces.clone(),
-        );
-        r.register(
-            "tailgate_buffer_bytes",
-            "Encoded OTLP bytes of buffered spans",
-            m.buffer_bytes.clone(),
-        );
-        r.register(
-            "tailgate_outbox_messages",
-            "Kept-trace messages not yet confirmed by the broker",
-            m.outbox_messages.clone(),
-        );
-        r.register(
-            "tailgate_outbox_bytes",
-            "Bytes of kept-trace messages not yet confirmed by the broker",
-            m.outbox_bytes.clone(),
-        );
-        r.register(
-            "tailgate_decision_cache_entries",
-            "Remembered decisions, for late spans",
-            m.decision_cache_entries.clone(),
-        );
-        r.register(
-            "tailgate_broker_connected",
-            "1 while the publisher has a confirmed channel to the broker",
-            m.broker_connected.clone(),
-        );
-        r.register(
-            "tailgate_decision_latency_seconds",
-            "From the root span's arrival (the first span's, if no root came) to the decision",
-            m.decision_latency.clone(),
-        );
-        r.register(
-            "tailgate_publish_latency_seconds",
-            "From the root span's arrival (the first span's, if no root came) to the broker's confirm of the kept trace",
-            m.publish_latency.clone(),
-        );
-        r.register(
-            "tailgate_broker_confirm_latency_seconds",
-            "From publishing a kept trace to the broker's confirm of it",
-            m.confirm_latency.clone(),
-        );
+        m.receiver.register(r);
+        m.buffer.register(r);
+        m.decision.register(r);
+        m.rules.register(r);
+        m.cluster.register(r);
+        m.publish.register(r);
         m
-    }
-
-    pub fn received(&self, protocol: &'static str, spans: usize) {
-        self.received_spans
-            .get_or_create(&Protocol { protocol })
-            .inc_by(spans as u64);
-    }
-
-    pub fn request(&self, protocol: &'static str, outcome: &'static str) {
-        self.requests
-            .get_or_create(&RequestOutcome { protocol, outcome })
-            .inc();
     }
 
     pub fn dropped(&self, reason: DropReason, spans: usize) {
@@ -367,87 +560,6 @@ impl Metrics {
                 reason: reason.label(),
             })
             .inc_by(spans as u64);
-    }
-
-    pub fn decided(&self, keep: bool, rule: &str, trigger: &'static str, latency_secs: f64) {
-        let decision = if keep { "keep" } else { "drop" };
-        self.decided_traces
-            .get_or_create(&DecisionRule {
-                decision,
-                rule: rule.to_owned(),
-            })
-            .inc();
-        self.decision_triggers
-            .get_or_create(&Trigger { trigger })
-            .inc();
-        self.decision_latency.observe(latency_secs);
-    }
-
-    pub fn late(&self, keep: bool, spans: usize) {
-        let decision = if keep { "keep" } else { "drop" };
-        self.late_spans
-            .get_or_create(&Decision { decision })
-            .inc_by(spans as u64);
-    }
-
-    pub fn publish_outcome(&self, outcome: &'static str) {
-        self.published_messages
-            .get_or_create(&Outcome { outcome })
-            .inc();
-    }
-
-    /// A kept trace confirmed: `latency_secs` since its root arrived,
-    /// `confirm_secs` since it was published.
-    pub fn confirmed(&self, spans: usize, bytes: usize, latency_secs: f64, confirm_secs: f64) {
-        self.publish_outcome("ack");
-        self.published_spans.inc_by(spans as u64);
-        self.published_bytes.inc_by(bytes as u64);
-        self.publish_latency.observe(latency_secs);
-        self.confirm_latency.observe(confirm_secs);
-    }
-
-    pub fn rules_reloaded(&self, ok: bool) {
-        if ok {
-            self.rules_reloads.inc();
-        } else {
-            self.rules_reload_failures.inc();
-        }
-    }
-
-    pub fn forwarded(&self, peer: &str, spans: usize, bytes: usize) {
-        let label = Peer {
-            peer: peer.to_owned(),
-        };
-        self.forwarded_spans
-            .get_or_create(&label)
-            .inc_by(spans as u64);
-        self.forwarded_bytes
-            .get_or_create(&label)
-            .inc_by(bytes as u64);
-    }
-
-    pub fn cluster_peer_error(&self, peer: &str) {
-        self.peer_errors
-            .get_or_create(&Peer {
-                peer: peer.to_owned(),
-            })
-            .inc();
-    }
-
-    pub fn spans_lost_with(&self, peer: &str, spans: usize) {
-        self.spans_lost_with_peer
-            .get_or_create(&Peer {
-                peer: peer.to_owned(),
-            })
-            .inc_by(spans as u64);
-    }
-
-    pub fn cluster_membership_change(&self) {
-        self.membership_changes.inc();
-    }
-
-    pub fn broker_connection_error(&self) {
-        self.broker_connection_errors.inc();
     }
 
     /// The Prometheus text exposition of every metric.

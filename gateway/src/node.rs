@@ -126,9 +126,7 @@ impl Node {
         let (cluster, rerouted) =
             Cluster::new(&cfg.cluster, me.clone(), Arc::clone(&metrics), holding);
         let membership = Arc::clone(&cluster.membership);
-        metrics
-            .rules_hash
-            .set(i64::try_from(rules.hash_u48()).unwrap_or(0));
+        metrics.rules.in_force(rules.hash_u48());
         info!(rules = rules.len(), hash = %rules.hash_hex(), file = ?cfg.rules.file, "sampling rules in force");
         let outbox = Arc::new(Outbox::new(cfg.rabbitmq.outbox_max_bytes.get()));
         let pipeline = Arc::new(Pipeline::new(
@@ -463,7 +461,7 @@ fn spans_lost_with(pipeline: &Pipeline, peer: &PeerId, spans: usize) {
     if spans > 0 {
         error!(peer = %peer, spans, "a peer vanished while it may still have held spans this node sent it; they are lost");
     }
-    pipeline.metrics().spans_lost_with(peer, spans);
+    pipeline.metrics().cluster.spans_lost_with(peer, spans);
 }
 
 /// This node's identity for its peers: `cluster.advertise`, else `POD_IP`

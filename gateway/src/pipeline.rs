@@ -125,7 +125,7 @@ impl Pipeline {
         }
         let now = Instant::now();
         self.admit(routed.bytes, now)?;
-        self.metrics.received(protocol, routed.span_count);
+        self.metrics.receiver.received(protocol, routed.span_count);
         if routed.rejected > 0 {
             self.metrics
                 .dropped(DropReason::InvalidSpan, routed.rejected);
@@ -202,6 +202,7 @@ impl Pipeline {
             }
         }
         self.metrics
+            .cluster
             .delivered_spans
             .inc_by(routed.span_count as u64);
         for batch in routed.batches {
@@ -272,7 +273,7 @@ impl Pipeline {
             for late in self.buffer.finish(&ticket.trace_id) {
                 self.cluster.forwarder.spans(&peer, late);
             }
-            self.metrics.handoff_traces.inc();
+            self.metrics.cluster.handoff_traces.inc();
             moved += 1;
         }
         moved
@@ -290,6 +291,7 @@ impl Pipeline {
         }
         for (peer, decisions) in moved {
             self.metrics
+                .cluster
                 .handoff_decisions
                 .inc_by(decisions.len() as u64);
             self.cluster.forwarder.decisions(&peer, decisions);
@@ -372,15 +374,12 @@ impl Pipeline {
 
     pub fn update_gauges(&self) {
         let m = &self.metrics;
-        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        m.buffer_traces.set(gauge(self.buffer.traces()));
-        m.buffer_bytes.set(gauge(self.buffer.bytes()));
-        m.outbox_messages.set(gauge(self.outbox.messages()));
-        m.outbox_bytes.set(gauge(self.outbox.bytes()));
-        m.decision_cache_entries
-            .set(gauge(self.decider.cache().len()));
-        m.forward_queue_bytes
-            .set(gauge(self.cluster.forwarder.bytes()));
+        m.buffer.set(self.buffer.traces(), self.buffer.bytes());
+        m.publish
+            .set_outbox(self.outbox.messages(), self.outbox.bytes());
+        m.decision.set_cache_entries(self.decider.cache().len());
+        m.cluster
+            .set_forward_queue_bytes(self.cluster.forwarder.bytes());
     }
 }
 

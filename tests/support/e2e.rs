@@ -149,7 +149,7 @@ pub struct Phase {
 pub struct Accounting {
     /// Accepted by the gateways, as the load generator counted.
     pub accepted: u64,
-    /// As the gateways counted them (`tailgate_received_spans_total`).
+    /// As the gateways counted them (`tailgate_spans_received_total`).
     pub received: u64,
     /// In messages the broker confirmed.
     pub kept: u64,
@@ -272,7 +272,7 @@ async fn sample(nodes: &[&Tailgate]) -> (Duration, u64) {
     let cpu = cpu(nodes);
     let mut received = 0.0;
     for n in nodes {
-        received += sum_metric(&n.metrics().await, "tailgate_received_spans_total", &[]);
+        received += sum_metric(&n.metrics().await, "tailgate_spans_received_total", &[]);
     }
     (cpu, received as u64)
 }
@@ -372,7 +372,7 @@ async fn settle(nodes: &[&Tailgate], offered: u64, patience: Duration) -> Accoun
                 .map(|t| sum_metric(t, name, labels))
                 .sum::<f64>() as u64
         };
-        let kept = sum("tailgate_published_spans_total", &[]);
+        let kept = sum("tailgate_spans_published_total", &[]);
         let dropped: Vec<(String, u64)> = [
             "policy",
             "late_span_of_dropped_trace",
@@ -390,9 +390,9 @@ async fn settle(nodes: &[&Tailgate], offered: u64, patience: Duration) -> Accoun
         if accounted >= offered || Instant::now() >= deadline {
             return Accounting {
                 accepted: offered,
-                received: sum("tailgate_received_spans_total", &[]),
+                received: sum("tailgate_spans_received_total", &[]),
                 kept,
-                published_bytes: sum("tailgate_published_bytes_total", &[]),
+                published_bytes: sum("tailgate_broker_published_bytes_total", &[]),
                 dropped,
                 lost: offered as i64 - accounted as i64,
                 rows: 0,
@@ -544,7 +544,7 @@ async fn run_setup(
 
     // Latency at half the measured capacity.
     let (publish, decision) = (
-        "tailgate_publish_latency_seconds",
+        "tailgate_traces_publish_latency_seconds",
         "tailgate_decision_latency_seconds",
     );
     let before = histogram(&nodes, publish).await;

@@ -328,13 +328,13 @@ impl Forwarder {
             };
             match result {
                 Ok(()) => {
-                    self.metrics.forwarded(&peer, spans, bytes);
+                    self.metrics.cluster.forwarded(&peer, spans, bytes);
                     self.record_delivery(&peer, spans);
                     self.release(bytes, spans);
                     backoff.reset();
                 }
                 Err(error) => {
-                    self.metrics.cluster_peer_error(&peer);
+                    self.metrics.cluster.peer_error(&peer);
                     warn!(peer = %peer, %error, spans, "delivery to peer failed; retrying");
                     self.put_back(&peer, batches, delivery.decisions, bytes);
                     backoff.wait().await;

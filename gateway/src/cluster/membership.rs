@@ -63,7 +63,7 @@ impl Membership {
         metrics: Arc<Metrics>,
     ) -> Self {
         let ring = Ring::new([me.clone()]);
-        metrics.cluster_peers.set(1);
+        metrics.cluster.set_peers(1);
         Self {
             me,
             seeds,
@@ -225,7 +225,7 @@ impl Membership {
                     Ok(_) => p.last_seen = Some(now),
                     Err(e) => {
                         if p.last_seen.is_some_and(|t| now - t >= self.peer_timeout) {
-                            self.metrics.cluster_peer_error(&id);
+                            self.metrics.cluster.peer_error(&id);
                         }
                         tracing::debug!(peer = %id, error = %e, "peer did not answer");
                     }
@@ -273,10 +273,8 @@ impl Membership {
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(failed);
             info!(peers = ?ring.peers().collect::<Vec<_>>(), "cluster membership changed");
-            self.metrics
-                .cluster_peers
-                .set(i64::try_from(ring.len()).unwrap_or(i64::MAX));
-            self.metrics.cluster_membership_change();
+            self.metrics.cluster.set_peers(ring.len());
+            self.metrics.cluster.membership_change();
             self.ring.store(Arc::new(ring));
             self.changes.send_modify(|g| *g += 1);
         }

@@ -88,7 +88,7 @@ impl Decider {
         };
         let decision = rules.decide(&view, now.into_std());
         let latency = now.saturating_duration_since(trace.received_at);
-        self.metrics.decided(
+        self.metrics.decision.decided(
             decision.is_keep(),
             decision.rule().as_str(),
             trigger.label(),
@@ -129,13 +129,13 @@ impl Decider {
     pub fn late(&self, batch: TraceBatch, verdict: &Verdict, now: Instant) {
         match verdict {
             Verdict::Keep(k) => {
-                self.metrics.late(true, batch.span_count);
+                self.metrics.decision.late(true, batch.span_count);
                 let (fragments, undecodable) = decode(&batch.fragments, Detail::Full);
                 self.count_undecodable(undecodable);
                 self.publish(batch.trace_id, &k.kept, &k.root_service, fragments, now);
             }
             Verdict::Drop => {
-                self.metrics.late(false, batch.span_count);
+                self.metrics.decision.late(false, batch.span_count);
                 self.metrics
                     .dropped(DropReason::LateSpanOfDroppedTrace, batch.span_count);
             }

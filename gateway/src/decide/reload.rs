@@ -37,7 +37,7 @@ pub async fn watch(path: &Path, interval: Duration, decider: &Decider, metrics: 
                 // A ConfigMap update can briefly hide the file; the rules in force stay.
                 if last_text.is_some() {
                     error!(path = %path.display(), error = %e, "cannot read the rules file; keeping the rules in force");
-                    metrics.rules_reloaded(false);
+                    metrics.rules.reloaded(false);
                     last_text = None;
                 }
                 continue;
@@ -50,16 +50,14 @@ pub async fn watch(path: &Path, interval: Duration, decider: &Decider, metrics: 
         match Rules::from_yaml(&text, &path.display().to_string()) {
             Ok(rules) => {
                 let rules = Arc::new(rules);
-                metrics
-                    .rules_hash
-                    .set(i64::try_from(rules.hash_u48()).unwrap_or(0));
+                metrics.rules.in_force(rules.hash_u48());
                 info!(path = %path.display(), hash = %rules.hash_hex(), rules = rules.len(), "sampling rules reloaded");
                 decider.set_rules(rules);
-                metrics.rules_reloaded(true);
+                metrics.rules.reloaded(true);
             }
             Err(e) => {
                 error!(path = %path.display(), errors = %e, "rules file refused; keeping the rules in force");
-                metrics.rules_reloaded(false);
+                metrics.rules.reloaded(false);
             }
         }
     }

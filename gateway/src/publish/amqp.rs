@@ -52,11 +52,11 @@ pub async fn run(cfg: config::Rabbitmq, outbox: Arc<Outbox>, metrics: Arc<Metric
         match connect(&cfg).await {
             Ok((connection, channel)) => {
                 info!(exchange = %cfg.exchange, "connected to the broker");
-                metrics.broker_connected.set(1);
+                metrics.publish.connected(true);
                 backoff.reset();
                 let err = pump(&cfg, &channel, &outbox, &metrics).await;
-                metrics.broker_connected.set(0);
-                metrics.broker_connection_error();
+                metrics.publish.connected(false);
+                metrics.publish.connection_error();
                 warn!(error = %err, unconfirmed = outbox.messages(), "broker connection lost; reconnecting");
                 // Best effort: the connection is usually dead already.
                 let _ = timeout(
@@ -66,7 +66,7 @@ pub async fn run(cfg: config::Rabbitmq, outbox: Arc<Outbox>, metrics: Arc<Metric
                 .await;
             }
             Err(err) => {
-                metrics.broker_connection_error();
+                metrics.publish.connection_error();
                 warn!(error = %err, unconfirmed = outbox.messages(), "broker unavailable");
             }
         }
@@ -224,7 +224,7 @@ async fn publish(
                 deadline: published_at + cfg.confirm_timeout,
             }),
             Err(e) => {
-                metrics.publish_outcome("failed");
+                metrics.publish.outcome("failed");
                 failure.get_or_insert(PublishError::Publish(e));
                 unsent.push(msg);
             }
@@ -249,7 +249,7 @@ async fn oldest_answer(
     let answer = match result {
         Ok(Ok(Confirmation::Ack(None))) => {
             let now = Instant::now();
-            metrics.confirmed(
+            metrics.publish.confirmed(
                 front.msg.span_count,
                 front.msg.body.len(),
                 now.saturating_duration_since(front.msg.received_at)
@@ -260,22 +260,22 @@ async fn oldest_answer(
             Answer::Confirmed
         }
         Ok(Ok(Confirmation::Ack(Some(_)))) => {
-            metrics.publish_outcome("returned");
+            metrics.publish.outcome("returned");
             warn!(routing_key = %front.msg.routing_key, exchange = %cfg.exchange, "message returned: no queue is bound for it; retrying");
             Answer::Rejected
         }
         Ok(Ok(Confirmation::Nack(_))) => {
-            metrics.publish_outcome("nack");
+            metrics.publish.outcome("nack");
             warn!(message_id = %front.msg.id, "broker nacked a message; retrying");
             Answer::Rejected
         }
         Ok(Ok(Confirmation::NotRequested)) => Answer::Failed(PublishError::ConfirmsNotEnabled),
         Ok(Err(e)) => {
-            metrics.publish_outcome("failed");
+            metrics.publish.outcome("failed");
             Answer::Failed(PublishError::Publish(e))
         }
         Err(_) => {
-            metrics.publish_outcome("failed");
+            metrics.publish.outcome("failed");
             Answer::Failed(PublishError::ConfirmTimeout(cfg.confirm_timeout))
         }
     };

@@ -60,7 +60,9 @@ impl TraceService {
     fn export(&self, body: &[u8]) -> Result<Bytes, ReceiveError> {
         let routed = route_protobuf(body)?;
         let accepted = self.pipeline.ingest(routed, PROTOCOL)?;
-        self.metrics.request(PROTOCOL, accepted_outcome(&accepted));
+        self.metrics
+            .receiver
+            .request(PROTOCOL, accepted_outcome(&accepted));
         Ok(Bytes::from(response(&accepted).encode_to_vec()))
     }
 }
@@ -75,7 +77,7 @@ impl UnaryService<Bytes> for TraceService {
 
     fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
         let result = self.export(request.get_ref()).map_err(|err| {
-            self.metrics.request(PROTOCOL, err.outcome());
+            self.metrics.receiver.request(PROTOCOL, err.outcome());
             Status::from(err)
         });
         Box::pin(async move { result.map(tonic::Response::new) })
@@ -116,7 +118,7 @@ where
             // export handler never returns OUT_OF_RANGE, so this is the limit.
             let status = response.headers().get("grpc-status");
             if status.is_some_and(|s| s.as_bytes() == b"11") {
-                metrics.request(PROTOCOL, "too_large");
+                metrics.receiver.request(PROTOCOL, "too_large");
                 response.headers_mut().insert(
                     "grpc-status",
                     http::HeaderValue::from(Code::ResourceExhausted as i32),

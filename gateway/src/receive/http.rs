@@ -125,7 +125,9 @@ async fn export(State(r): State<Receiver>, headers: HeaderMap, body: Body) -> Re
         Ok(accepted) => accepted,
         Err(err) => return r.fail(protocol, encoding, err),
     };
-    r.metrics.request(protocol, accepted_outcome(&accepted));
+    r.metrics
+        .receiver
+        .request(protocol, accepted_outcome(&accepted));
     let answer = response(&accepted);
     let body = match encoding {
         Encoding::Protobuf => answer.encode_to_vec(),
@@ -136,7 +138,7 @@ async fn export(State(r): State<Receiver>, headers: HeaderMap, body: Body) -> Re
 
 impl Receiver {
     fn fail(&self, protocol: &'static str, encoding: Encoding, err: ReceiveError) -> Response {
-        self.metrics.request(protocol, err.outcome());
+        self.metrics.receiver.request(protocol, err.outcome());
         let (status, grpc_code) = match &err {
             ReceiveError::Malformed(_) => (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument),
             ReceiveError::TooLarge { .. } => (
