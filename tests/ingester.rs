@@ -396,15 +396,7 @@ async fn clickhouse_outage_loses_nothing() {
     ing.wait_metric("tailgate_ingester_acked_messages_total", &[], 5.0)
         .await;
     let table = format!("{}.otel_traces", names.db);
-    assert_eq!(
-        ch.number(&format!("SELECT count() FROM {table}")).await,
-        15.0
-    );
-    assert_eq!(
-        ch.number(&format!("SELECT uniqExact(TraceId, SpanId) FROM {table}"))
-            .await,
-        15.0
-    );
+    ch.assert_each_span_once(&table, 15.0).await;
     drop(gw);
     drop(ing);
     names.cleanup().await;
@@ -463,15 +455,7 @@ async fn killed_between_insert_and_ack() {
                 .await,
         )
         .await;
-    assert_eq!(
-        ch.number(&format!("SELECT count() FROM {table}")).await,
-        15.0
-    );
-    assert_eq!(
-        ch.number(&format!("SELECT uniqExact(TraceId, SpanId) FROM {table}"))
-            .await,
-        15.0
-    );
+    ch.assert_each_span_once(&table, 15.0).await;
     drop(gw);
     drop(second);
     names.cleanup().await;

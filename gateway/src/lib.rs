@@ -15,19 +15,21 @@
 //! health, [`config`] turns the YAML file into checked settings, and
 //! [`tools`] backs `tailgate rules check|test`.
 
+// Public: what the `tailgate` binary, the integration tests and the
+// benchmarks use. The rest is the gateway's own.
 pub mod buffer;
 pub mod cluster;
-pub mod decide;
+pub(crate) mod decide;
 pub mod publish;
-pub mod receive;
+pub(crate) mod receive;
 pub mod route;
 pub mod trace;
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod config;
-pub mod grpc_raw;
+pub(crate) mod grpc_raw;
 pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod tools;
-pub mod wire;
+pub(crate) mod wire;

@@ -25,7 +25,8 @@ impl WireError {
 /// The value of one field as it is on the wire.
 #[derive(Debug, Clone, Copy)]
 pub enum Value<'a> {
-    Varint(u64),
+    /// Read past, never used: no check needs a varint's value.
+    Varint,
     Fixed64,
     Fixed32,
     Len(&'a [u8]),
@@ -94,7 +95,10 @@ fn read_field<'a>(buf: &'a [u8], pos: &mut usize) -> Result<(u32, Value<'a>), Wi
         return Err(malformed("invalid tag value: 0"));
     }
     let value = match key & 7 {
-        0 => Value::Varint(read_varint(buf, pos).ok_or_else(|| underflow(number))?),
+        0 => {
+            read_varint(buf, pos).ok_or_else(|| underflow(number))?;
+            Value::Varint
+        }
         1 => {
             take(buf, pos, 8, number)?;
             Value::Fixed64
@@ -298,7 +302,7 @@ impl Schema {
         };
         let wrong = || WireError(format!("invalid wire type for {}.{name}", self.name));
         match (kind, value) {
-            (Kind::Varint, Value::Varint(_))
+            (Kind::Varint, Value::Varint)
             | (Kind::Fixed64, Value::Fixed64)
             | (Kind::Fixed32, Value::Fixed32)
             | (Kind::Bytes, Value::Len(_)) => Ok(()),

@@ -7,10 +7,11 @@
 //! (idempotent inserts). [`schema`] is `migrate`; [`config`] and [`node`]
 //! set it all up. The message contract itself is `tailgate_contract`'s.
 
+// Public: what the `tailgate` binary, the tests and the benchmarks use.
 pub mod config;
-pub mod consume;
-pub mod metrics;
+pub(crate) mod consume;
+pub(crate) mod metrics;
 pub mod node;
 pub mod rows;
-pub mod schema;
-pub mod store;
+pub(crate) mod schema;
+pub(crate) mod store;

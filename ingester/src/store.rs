@@ -173,11 +173,6 @@ impl Store {
         insert.end().await?;
         Ok(result)
     }
-
-    /// A query for tests and tools.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
 }
 
 #[cfg(test)]

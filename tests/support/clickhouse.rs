@@ -127,6 +127,20 @@ impl ClickHouse {
             .unwrap_or_else(|_| panic!("{sql} gave {text:?}"))
     }
 
+    /// `table` holds exactly `spans` rows, each span once: nothing lost,
+    /// nothing stored twice.
+    pub async fn assert_each_span_once(&self, table: &str, spans: f64) {
+        let rows = self.number(&format!("SELECT count() FROM {table}")).await;
+        let distinct = self
+            .number(&format!("SELECT uniqExact(TraceId, SpanId) FROM {table}"))
+            .await;
+        assert_eq!(
+            (rows, distinct),
+            (spans, spans),
+            "rows, distinct spans in {table}"
+        );
+    }
+
     /// Rows of a query as JSON objects.
     pub async fn json_rows(&self, sql: &str) -> Vec<serde_json::Value> {
         self.query(&format!("{sql} FORMAT JSONEachRow"))
