@@ -302,6 +302,19 @@ impl Buffer {
         out
     }
 
+    /// Puts due traces back, at the front of their queue and still due, for
+    /// a later sweep: their decision is held while the outbox has no room.
+    pub fn hold_due(&self, due: Vec<(Ticket, Trigger)>, now: Instant) {
+        for (ticket, trigger) in due.into_iter().rev() {
+            let queue = match trigger {
+                Trigger::RootWait => &self.root_due,
+                // Limits outgrown and timeouts are due now, whatever their kind.
+                _ => &self.timeout_due,
+            };
+            lock(queue).push_front(Deadline { at: now, ticket });
+        }
+    }
+
     /// The oldest live trace, for deciding early under memory pressure.
     pub fn oldest(&self) -> Option<Ticket> {
         loop {

@@ -150,6 +150,10 @@ impl Pipeline {
             return Err(Refusal::OutboxFull { retry_after });
         }
         while self.buffer.bytes() + bytes > self.max_buffer_bytes {
+            // Each decision may publish a message: none while the outbox is full.
+            if self.outbox.is_full() {
+                return Err(Refusal::OutboxFull { retry_after });
+            }
             let Some(oldest) = self.buffer.oldest() else {
                 break;
             };
@@ -175,6 +179,10 @@ impl Pipeline {
             .add(batch, now, |id| self.decider.cache().get(id))
         {
             Added::Buffered => {}
+            // Held for a sweep while the outbox is full, like any due trace.
+            Added::Due(ticket, trigger) if self.outbox.is_full() => {
+                self.buffer.hold_due(vec![(ticket, trigger)], now);
+            }
             Added::Due(ticket, trigger) => self.decide(ticket, trigger, now),
             Added::Late(batch, verdict) => self.decider.late(batch, &verdict, now),
         }
@@ -330,14 +338,22 @@ impl Pipeline {
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|until| now < until);
         // While held, due traces stay queued; the first sweep after decides them.
-        let due = if held {
+        let due = if held || self.outbox.is_full() {
             Vec::new()
         } else {
             self.buffer.due(now)
         };
-        for (ticket, trigger) in due {
+        let mut due = due.into_iter();
+        // A decision publishes at most one message, and none is made once the
+        // outbox is full: it never holds more than one message over its bound.
+        // What is still due waits in the buffer, which pushes back when full.
+        while !self.outbox.is_full() {
+            let Some((ticket, trigger)) = due.next() else {
+                break;
+            };
             self.decide(ticket, trigger, now);
         }
+        self.buffer.hold_due(due.collect(), now);
         self.decider.cache().expire(now);
         self.update_gauges();
     }
@@ -505,6 +521,44 @@ mod tests {
             text.contains("tailgate_spans_dropped_total{reason=\"late_span_of_dropped_trace\"} 1"),
             "{text}"
         );
+    }
+
+    /// The broker is away and nothing drains the outbox, whose bound is one
+    /// byte: the first kept trace fills it, and no more decisions are made.
+    /// It never holds more than one message over its bound; the traces still
+    /// due wait in the buffer (nothing is lost, nothing dropped), new
+    /// requests are pushed back, and the held traces are decided one by one
+    /// as the broker confirms.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_outbox_holds_decisions_back() {
+        let (p, outbox, metrics) = pipeline(1 << 20, 1);
+        let traces: Vec<_> = (1..=5).map(error_span).collect();
+        p.ingest(split_request(&request(vec![("shop-api", traces)])), "test")
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        p.sweep();
+        p.sweep();
+        assert_eq!(
+            outbox.messages(),
+            1,
+            "one message past a full outbox at most"
+        );
+        assert_eq!(p.buffered_traces(), 4, "the other due traces wait");
+        assert!(matches!(
+            p.ingest(
+                split_request(&request(vec![("shop-api", vec![error_span(9)])])),
+                "test"
+            ),
+            Err(Refusal::OutboxFull { .. })
+        ));
+        for held in (0..4).rev() {
+            for m in outbox.take(10).await {
+                outbox.settle(&m);
+            }
+            p.sweep();
+            assert_eq!((outbox.messages(), p.buffered_traces()), (1, held));
+        }
+        assert!(!metrics.encode().contains("tailgate_spans_dropped_total{"));
     }
 
     /// After a membership change, due traces wait two membership checks

@@ -173,7 +173,7 @@ impl Tailgate {
 
     /// Reads `read` every 20 ms until `done` holds for what it returns;
     /// fails with `what` and the node's logs after `PATIENCE`.
-    async fn poll<T: std::fmt::Display>(
+    pub async fn poll<T: std::fmt::Debug>(
         &self,
         what: &str,
         read: impl AsyncFn() -> T,
@@ -187,7 +187,7 @@ impl Tailgate {
             }
             assert!(
                 Instant::now() < deadline,
-                "{what}: stayed at {value}\n{}",
+                "{what}: stayed at {value:?}\n{}",
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
