@@ -618,6 +618,143 @@ async fn sigterm_flushes_buffered_traces() {
     q.delete().await;
 }
 
+/// Reads until the server closes the connection; returns what it sent.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    tokio::time::timeout(support::PATIENCE, stream.read_to_end(&mut got))
+        .await
+        .expect("the gateway closed the connection")
+        .ok();
+    got
+}
+
+/// Clients that hold a connection without finishing a request: one that
+/// sends nothing, one that sends half its headers, one that sends half its
+/// body, and one with half an HTTP/2 preface on the gRPC port. Each is
+/// closed once its timeout is over (headers 1 s, body 2 s; the slow body
+/// gets 408 with a message), while an ordinary client is served meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_closed_while_others_are_served() {
+    use std::time::{Duration, Instant};
+    use tokio::{io::AsyncWriteExt, net::TcpStream};
+    let q = TestQueue::new("slow").await;
+    let gw = Gateway::start(
+        &amqp_url(),
+        &q.exchange,
+        &[
+            ("TAILGATE_RECEIVER__HEADER_READ_TIMEOUT_SECS", "1"),
+            ("TAILGATE_RECEIVER__BODY_READ_TIMEOUT_SECS", "2"),
+        ],
+    );
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(gw.http).await.unwrap();
+    let mut half_headers = TcpStream::connect(gw.http).await.unwrap();
+    half_headers
+        .write_all(b"POST /v1/traces HTTP/1.1\r\nhost: tailgate\r\n")
+        .await
+        .unwrap();
+    let mut half_body = TcpStream::connect(gw.http).await.unwrap();
+    half_body
+        .write_all(
+            b"POST /v1/traces HTTP/1.1\r\nhost: tailgate\r\ncontent-type: application/x-protobuf\r\n\
+              content-length: 1000\r\n\r\nsome of it",
+        )
+        .await
+        .unwrap();
+    let mut half_preface = TcpStream::connect(gw.grpc).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+
+    // Served while the others hold their connections.
+    let spans = order_trace(trace_id(80, 1), 5, None);
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    assert_eq!(
+        otlp::send_http_json(&gw.http_url(), &otlp::request(&spans))
+            .await
+            .status(),
+        200
+    );
+
+    assert!(until_closed(&mut silent).await.is_empty());
+    until_closed(&mut half_headers).await;
+    until_closed(&mut half_preface).await;
+    let headers_closed = started.elapsed();
+    let answer = String::from_utf8(until_closed(&mut half_body).await).unwrap();
+    let body_closed = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_read_timeout_secs"), "{answer}");
+    assert!(
+        headers_closed < Duration::from_secs(3),
+        "{headers_closed:?}"
+    );
+    assert!(body_closed < Duration::from_secs(4), "{body_closed:?}");
+    assert_eq!(
+        gw.metric(
+            "tailgate_receiver_requests_total",
+            &[("outcome", "timeout")]
+        )
+        .await,
+        1.0
+    );
+    q.delete().await;
+}
+
+/// With `max_connections` 2 on a port, two clients holding their requests
+/// open take both places: a third connection is served only once one of
+/// them is closed (by its body timeout), never alongside them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_serves_at_most_max_connections() {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+    let q = TestQueue::new("maxconn").await;
+    let gw = Gateway::start(
+        &amqp_url(),
+        &q.exchange,
+        &[
+            ("TAILGATE_RECEIVER__MAX_CONNECTIONS", "2"),
+            ("TAILGATE_RECEIVER__BODY_READ_TIMEOUT_SECS", "1"),
+        ],
+    );
+    let holding =
+        b"POST /v1/traces HTTP/1.1\r\nhost: tailgate\r\ncontent-type: application/x-protobuf\r\n\
+                    content-length: 10\r\n\r\n";
+    let mut first = TcpStream::connect(gw.http).await.unwrap();
+    first.write_all(holding).await.unwrap();
+    let mut second = TcpStream::connect(gw.http).await.unwrap();
+    second.write_all(holding).await.unwrap();
+    let mut third = TcpStream::connect(gw.http).await.unwrap();
+    third
+        .write_all(
+            b"POST /v1/traces HTTP/1.1\r\nhost: tailgate\r\ncontent-type: application/x-protobuf\r\n\
+              content-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    third.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // By now one of the two holding it off has been answered 408 and closed.
+    let mut closed = 0;
+    for held in [&mut first, &mut second] {
+        let mut buf = [0u8; 12];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(std::time::Duration::ZERO, held.read(&mut buf)).await
+        {
+            assert_eq!(&buf[..n], b"HTTP/1.1 408");
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 1,
+        "the third was served while both others were open"
+    );
+    q.delete().await;
+}
+
 /// SIGTERM while two clients hold requests open: one has sent the headers
 /// of an OTLP/HTTP request and a little of its body, the other an OTLP/gRPC
 /// stream whose message never ends. Each is known to be in flight first (the

@@ -7,6 +7,7 @@
 //! types (`Duration`, `NonZeroUsize`, `Probability`), reporting every
 //! problem at once. Option names carry their unit.
 
+use crate::receive::listen::ConnectionLimits;
 use serde::{Deserialize, Serialize};
 use std::{net::SocketAddr, num::NonZeroUsize, time::Duration};
 pub use tailgate_contract::compression::Compression;
@@ -87,6 +88,17 @@ pub struct RawReceiver {
     pub max_request_bytes: usize,
     /// Delay suggested to clients that are pushed back (`Retry-After`, `RetryInfo`).
     pub retry_after_secs: u64,
+    /// Most connections open at once, per port; more wait to be accepted.
+    pub max_connections: usize,
+    /// OTLP/HTTP: a request's headers must arrive within this; also how
+    /// long a keep-alive connection may stay idle.
+    pub header_read_timeout_secs: f64,
+    /// A request's whole body must arrive within this (both protocols).
+    pub body_read_timeout_secs: f64,
+    /// HTTP/2 pings on a connection with no traffic this long.
+    pub keepalive_interval_secs: f64,
+    /// A connection whose peer does not answer a ping within this is closed.
+    pub keepalive_timeout_secs: f64,
 }
 
 impl Default for RawReceiver {
@@ -96,6 +108,11 @@ impl Default for RawReceiver {
             http_listen: "0.0.0.0:4318".into(),
             max_request_bytes: 16 << 20,
             retry_after_secs: 1,
+            max_connections: 1024,
+            header_read_timeout_secs: 30.0,
+            body_read_timeout_secs: 30.0,
+            keepalive_interval_secs: 30.0,
+            keepalive_timeout_secs: 20.0,
         }
     }
 }
@@ -240,6 +257,8 @@ pub struct Receiver {
     pub http_listen: SocketAddr,
     pub max_request_bytes: NonZeroUsize,
     pub retry_after: Duration,
+    pub connections: ConnectionLimits,
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -325,6 +344,9 @@ impl Config {
     }
 }
 
+/// Shorter timeouts would cut ordinary clients on a busy network.
+const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
 impl Validate for RawReceiver {
     type Valid = Receiver;
 
@@ -337,6 +359,31 @@ impl Validate for RawReceiver {
                 "receiver.retry_after_secs",
                 self.retry_after_secs,
                 1,
+            ),
+            connections: ConnectionLimits {
+                max_connections: p
+                    .nonzero("receiver.max_connections", self.max_connections)
+                    .get(),
+                header_read_timeout: p.secs_at_least(
+                    "receiver.header_read_timeout_secs",
+                    self.header_read_timeout_secs,
+                    MIN_TIMEOUT,
+                ),
+                keepalive_interval: p.secs_at_least(
+                    "receiver.keepalive_interval_secs",
+                    self.keepalive_interval_secs,
+                    MIN_TIMEOUT,
+                ),
+                keepalive_timeout: p.secs_at_least(
+                    "receiver.keepalive_timeout_secs",
+                    self.keepalive_timeout_secs,
+                    MIN_TIMEOUT,
+                ),
+            },
+            body_read_timeout: p.secs_at_least(
+                "receiver.body_read_timeout_secs",
+                self.body_read_timeout_secs,
+                MIN_TIMEOUT,
             ),
         }
     }

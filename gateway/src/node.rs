@@ -25,7 +25,7 @@ use crate::{
     metrics::{DropReason, Metrics},
     pipeline::Pipeline,
     publish::{Outbox, amqp},
-    receive,
+    receive::{self, listen},
 };
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
@@ -229,21 +229,22 @@ impl Node {
 
         let (receiving, watch) = drain::channel();
         let max_request = cfg.receiver.max_request_bytes.get();
+        let limits = cfg.receiver.connections;
         let grpc_service = receive::grpc::TraceService::new(
             Arc::clone(&pipeline),
             Arc::clone(&metrics),
             max_request,
+            cfg.receiver.body_read_timeout,
         );
         let grpc = {
             let watch = watch.clone();
             tokio::spawn(async move {
                 let stopped = signaled(&watch);
                 let served = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(limits.keepalive_interval))
+                    .http2_keepalive_timeout(Some(limits.keepalive_timeout))
                     .add_service(grpc_service)
-                    .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(grpc_listener),
-                        stopped,
-                    )
+                    .serve_with_incoming_shutdown(listen::incoming(grpc_listener, limits), stopped)
                     .await;
                 drop(watch);
                 served.map_err(|e| NodeError::Serve {
@@ -252,11 +253,29 @@ impl Node {
                 })
             })
         };
-        let http_router =
-            receive::http::router(Arc::clone(&pipeline), Arc::clone(&metrics), max_request);
-        let http = serve("OTLP/HTTP", http_listener, http_router, Some(watch));
+        let http_router = receive::http::router(
+            Arc::clone(&pipeline),
+            Arc::clone(&metrics),
+            max_request,
+            cfg.receiver.body_read_timeout,
+        );
+        let http = tokio::spawn(async move {
+            let served = listen::serve(http_listener, http_router, limits, signaled(&watch)).await;
+            drop(watch);
+            served.map_err(|e| NodeError::Serve {
+                what: "OTLP/HTTP",
+                message: e.to_string(),
+            })
+        });
         let admin_router = admin::router(Arc::clone(&pipeline), Arc::clone(&metrics));
-        let admin_server = serve("admin", admin_listener, admin_router, None);
+        let admin_server = tokio::spawn(async move {
+            axum::serve(admin_listener, admin_router)
+                .await
+                .map_err(|e| NodeError::Serve {
+                    what: "admin",
+                    message: e.to_string(),
+                })
+        });
         Ok(Self {
             pipeline,
             metrics,
@@ -510,26 +529,4 @@ fn server_failure(
 fn signaled(watch: &drain::Watch) -> impl Future<Output = ()> + Send + 'static {
     let watch = watch.clone();
     async move { drop(watch.signaled().await) }
-}
-
-/// Serves `router`; with a `watch`, stops gracefully when it is signaled
-/// (idle connections close, requests in flight finish) and releases it.
-fn serve(
-    what: &'static str,
-    listener: TcpListener,
-    router: axum::Router,
-    watch: Option<drain::Watch>,
-) -> Server {
-    tokio::spawn(async move {
-        let server = axum::serve(listener, router);
-        let served = match &watch {
-            Some(watch) => server.with_graceful_shutdown(signaled(watch)).await,
-            None => server.await,
-        };
-        drop(watch);
-        served.map_err(|e| NodeError::Serve {
-            what,
-            message: e.to_string(),
-        })
-    })
 }

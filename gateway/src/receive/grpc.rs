@@ -11,7 +11,7 @@ use crate::grpc_raw::RawCodec;
 use crate::{metrics::Metrics, pipeline::Pipeline};
 use bytes::Bytes;
 use prost::Message;
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 use tonic::{
     Code, Status,
     codec::CompressionEncoding,
@@ -32,6 +32,7 @@ impl From<ReceiveError> for Status {
                 Status::invalid_argument(message)
             }
             ReceiveError::TooLarge { .. } => Status::resource_exhausted(message),
+            ReceiveError::SlowBody(_) => Status::deadline_exceeded(message),
             ReceiveError::Refused(refusal) => Status::with_error_details(
                 Code::Unavailable,
                 message,
@@ -46,14 +47,21 @@ pub struct TraceService {
     pipeline: Arc<Pipeline>,
     metrics: Arc<Metrics>,
     max_request_bytes: usize,
+    body_read_timeout: Duration,
 }
 
 impl TraceService {
-    pub fn new(pipeline: Arc<Pipeline>, metrics: Arc<Metrics>, max_request_bytes: usize) -> Self {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        metrics: Arc<Metrics>,
+        max_request_bytes: usize,
+        body_read_timeout: Duration,
+    ) -> Self {
         Self {
             pipeline,
             metrics,
             max_request_bytes,
+            body_read_timeout,
         }
     }
 
@@ -105,6 +113,7 @@ where
         }
         let service = self.clone();
         let metrics = Arc::clone(&self.metrics);
+        let limit = self.body_read_timeout;
         Box::pin(async move {
             let mut grpc = Grpc::new(RawCodec)
                 .accept_compressed(CompressionEncoding::Gzip)
@@ -112,7 +121,13 @@ where
                 .send_compressed(CompressionEncoding::Gzip)
                 .send_compressed(CompressionEncoding::Zstd)
                 .max_decoding_message_size(service.max_request_bytes);
-            let mut response = grpc.unary(service, req).await;
+            // A client that sends its message slowly holds a stream and
+            // memory: the whole request must be in within the deadline.
+            let Ok(mut response) = tokio::time::timeout(limit, grpc.unary(service, req)).await
+            else {
+                metrics.receiver.request(PROTOCOL, "timeout");
+                return Ok(Status::from(ReceiveError::SlowBody(limit)).into_http());
+            };
             // tonic reports a message over the decoding limit as OUT_OF_RANGE
             // (its decompression limit already says RESOURCE_EXHAUSTED); the
             // export handler never returns OUT_OF_RANGE, so this is the limit.

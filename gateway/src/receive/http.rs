@@ -20,7 +20,7 @@ use axum::{
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use prost::Message;
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 use tower_http::decompression::RequestDecompressionLayer;
 
 const PROTOBUF: &str = "application/x-protobuf";
@@ -80,15 +80,22 @@ struct Receiver {
     pipeline: Arc<Pipeline>,
     metrics: Arc<Metrics>,
     max_request_bytes: usize,
+    body_read_timeout: Duration,
 }
 
-pub fn router(pipeline: Arc<Pipeline>, metrics: Arc<Metrics>, max_request_bytes: usize) -> Router {
+pub fn router(
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    max_request_bytes: usize,
+    body_read_timeout: Duration,
+) -> Router {
     Router::new()
         .route("/v1/traces", post(export))
         .with_state(Receiver {
             pipeline,
             metrics,
             max_request_bytes,
+            body_read_timeout,
         })
         // The limit is enforced in `export`, after decompression, with an OTLP answer.
         .layer(DefaultBodyLimit::disable())
@@ -101,7 +108,14 @@ async fn export(State(r): State<Receiver>, headers: HeaderMap, body: Body) -> Re
         Err(err) => return r.fail("http", Encoding::Json, err),
     };
     let protocol = encoding.protocol();
-    let bytes = match Limited::new(body, r.max_request_bytes).collect().await {
+    // A client that sends its body slowly holds a connection and memory:
+    // the whole body must be in within the deadline.
+    let read = Limited::new(body, r.max_request_bytes).collect();
+    let Ok(read) = tokio::time::timeout(r.body_read_timeout, read).await else {
+        let err = ReceiveError::SlowBody(r.body_read_timeout);
+        return r.fail(protocol, encoding, err);
+    };
+    let bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
             return r.fail(
@@ -154,6 +168,9 @@ impl Receiver {
                 tonic::Code::ResourceExhausted,
             ),
             ReceiveError::Refused(_) => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
+            ReceiveError::SlowBody(_) => {
+                (StatusCode::REQUEST_TIMEOUT, tonic::Code::DeadlineExceeded)
+            }
         };
         let rpc = RpcStatus {
             code: grpc_code as i32,

@@ -9,6 +9,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod listen;
 
 use crate::{
     pipeline::{Accepted, Refusal},
@@ -28,6 +29,9 @@ pub enum ReceiveError {
     /// Permanent: the request is larger than `receiver.max_request_bytes`.
     #[error("request body exceeds the limit of {limit} bytes (receiver.max_request_bytes)")]
     TooLarge { limit: usize },
+    /// Retryable: the body did not arrive within `receiver.body_read_timeout_secs`.
+    #[error("the request body did not arrive within {0:?} (receiver.body_read_timeout_secs)")]
+    SlowBody(std::time::Duration),
     /// Permanent: neither protobuf nor JSON.
     #[error("unsupported content type {0:?}; send application/x-protobuf or application/json")]
     UnsupportedMediaType(String),
@@ -43,6 +47,7 @@ impl ReceiveError {
             ReceiveError::Malformed(_) => "invalid",
             ReceiveError::TooLarge { .. } => "too_large",
             ReceiveError::UnsupportedMediaType(_) => "unsupported",
+            ReceiveError::SlowBody(_) => "timeout",
             ReceiveError::Refused(_) => "pushback",
         }
     }
