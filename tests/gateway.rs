@@ -631,9 +631,10 @@ async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
 
 /// Clients that hold a connection without finishing a request: one that
 /// sends nothing, one that sends half its headers, one that sends half its
-/// body, and one with half an HTTP/2 preface on the gRPC port. Each is
-/// closed once its timeout is over (headers 1 s, body 2 s; the slow body
-/// gets 408 with a message), while an ordinary client is served meanwhile.
+/// body, one with half an HTTP/2 preface on the gRPC port, and silent ones
+/// on the cluster and admin ports. Each is closed once its timeout is over
+/// (headers 1 s, body 2 s; the slow body gets 408 with a message), while an
+/// ordinary client is served meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_are_closed_while_others_are_served() {
     use std::time::{Duration, Instant};
@@ -664,6 +665,9 @@ async fn slow_clients_are_closed_while_others_are_served() {
         .unwrap();
     let mut half_preface = TcpStream::connect(gw.grpc).await.unwrap();
     half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // The cluster and admin ports hold their connections to the same limits.
+    let mut silent_peer = TcpStream::connect(gw.peer.as_str()).await.unwrap();
+    let mut silent_admin = TcpStream::connect(gw.admin).await.unwrap();
 
     // Served while the others hold their connections.
     let spans = order_trace(trace_id(80, 1), 5, None);
@@ -680,6 +684,8 @@ async fn slow_clients_are_closed_while_others_are_served() {
     assert!(until_closed(&mut silent).await.is_empty());
     until_closed(&mut half_headers).await;
     until_closed(&mut half_preface).await;
+    until_closed(&mut silent_peer).await;
+    until_closed(&mut silent_admin).await;
     let headers_closed = started.elapsed();
     let answer = String::from_utf8(until_closed(&mut half_body).await).unwrap();
     let body_closed = started.elapsed();

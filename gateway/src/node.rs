@@ -137,6 +137,8 @@ impl Node {
             cluster,
         ));
 
+        // Every port holds its connections to the same limits.
+        let limits = cfg.receiver.connections;
         // The internal port serves peers from the start, so seeds can greet back.
         let peer_server = {
             let service = PeerService::new(
@@ -145,10 +147,12 @@ impl Node {
             );
             tokio::spawn(
                 tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(limits.keepalive_interval))
+                    .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+                    // A delivery's message, like a client's, must be in within this.
+                    .timeout(cfg.receiver.body_read_timeout)
                     .add_service(service)
-                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(
-                        peer_listener,
-                    )),
+                    .serve_with_incoming(listen::incoming(peer_listener, limits)),
             )
         };
         // Join before taking traffic: greet the seeds once, so routing starts agreed.
@@ -229,7 +233,6 @@ impl Node {
 
         let (receiving, watch) = drain::channel();
         let max_request = cfg.receiver.max_request_bytes.get();
-        let limits = cfg.receiver.connections;
         let grpc_service = receive::grpc::TraceService::new(
             Arc::clone(&pipeline),
             Arc::clone(&metrics),
@@ -269,7 +272,7 @@ impl Node {
         });
         let admin_router = admin::router(Arc::clone(&pipeline), Arc::clone(&metrics));
         let admin_server = tokio::spawn(async move {
-            axum::serve(admin_listener, admin_router)
+            listen::serve(admin_listener, admin_router, limits, std::future::pending())
                 .await
                 .map_err(|e| NodeError::Serve {
                     what: "admin",
