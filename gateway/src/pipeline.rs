@@ -689,4 +689,57 @@ mod tests {
             Err(Refusal::ShuttingDown { .. })
         ));
     }
+
+    proptest::proptest! {
+        /// Fuzz, the peer protocol: what arrives on the cluster port, as a
+        /// delivery (arbitrary bytes, or a delivery with spans and handed
+        /// decisions of any content) or a hello, is refused with a status or
+        /// taken, never a panic.
+        #[test]
+        fn fuzz_peer_messages(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            request in crate::route::tests::arb_request(),
+            decisions in proptest::collection::vec(
+                (
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20),
+                    proptest::prelude::any::<bool>(),
+                    ".{0,10}",
+                    proptest::option::of("[0-9a-f]{0,16}|.{0,4}"),
+                    proptest::prelude::any::<f64>(),
+                ),
+                0..4,
+            ),
+        ) {
+            use crate::cluster::peer::{Delivery, HandedDecision, Hello, PeerHandler};
+            use prost::Message;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _entered = runtime.enter();
+            let (p, _, _) = pipeline(1 << 20, 1 << 20);
+            if let Ok(delivery) = Delivery::decode(bytes.as_slice()) {
+                let _ = PeerHandler::deliver(&p, delivery);
+            }
+            if let Ok(hello) = Hello::decode(bytes.as_slice()) {
+                let _ = PeerHandler::hello(&p, hello);
+            }
+            let delivery = Delivery {
+                from: "127.0.0.1:1".into(),
+                spans: request.encode_to_vec().into(),
+                decisions: decisions
+                    .into_iter()
+                    .map(|(trace_id, keep, rule, th, adjusted_count)| HandedDecision {
+                        trace_id,
+                        keep,
+                        rule,
+                        th,
+                        adjusted_count,
+                        root_service: "shop-api".into(),
+                    })
+                    .collect(),
+            };
+            proptest::prop_assert!(PeerHandler::deliver(&p, delivery).is_ok());
+        }
+    }
 }

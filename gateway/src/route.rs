@@ -203,6 +203,7 @@ pub(crate) mod tests {
         resource::v1::Resource,
         trace::v1::{ResourceSpans, ScopeSpans, Span},
     };
+    use proptest::prelude::*;
     use prost::Message;
 
     pub(crate) fn span(trace: u8, span: u8, parent: Option<u8>) -> Span {
@@ -307,5 +308,130 @@ pub(crate) mod tests {
         let err = split(&bytes).unwrap_err();
         assert!(err.to_string().contains("Span.name"), "{err}");
         assert!(ExportTraceServiceRequest::decode(bytes.as_slice()).is_err());
+    }
+
+    /// A request of up to 12 spans of 4 traces under 2 services, with valid
+    /// IDs (OTLP forbids all-zero ones), and names, parents and attributes
+    /// of any content: what the fuzz properties start from.
+    pub(crate) fn arb_request() -> impl Strategy<Value = ExportTraceServiceRequest> {
+        let span = (
+            1u8..5,
+            1u8..=255,
+            proptest::option::of(any::<u8>()),
+            ".{0,12}",
+            proptest::collection::vec((".{0,8}", ".{0,16}"), 0..3),
+        )
+            .prop_map(|(trace, id, parent, name, attributes)| {
+                let mut s = span(trace, id, parent);
+                s.name = name;
+                s.attributes = attributes
+                    .into_iter()
+                    .map(|(key, value)| KeyValue {
+                        key,
+                        value: Some(AnyValue {
+                            value: Some(Value::StringValue(value)),
+                        }),
+                        ..Default::default()
+                    })
+                    .collect();
+                s
+            });
+        (
+            proptest::collection::vec(span.clone(), 0..6),
+            proptest::collection::vec(span, 0..6),
+        )
+            .prop_map(|(a, b)| request(vec![("shop-api", a), ("crm-api", b)]))
+    }
+
+    /// Every span a split accepted, decoded again from its fragments, in a
+    /// comparable order: (trace ID, span ID, the whole span).
+    fn accepted_spans(routed: &Routed) -> Vec<(Vec<u8>, Vec<u8>, Span)> {
+        let mut spans: Vec<_> = routed
+            .batches
+            .iter()
+            .flat_map(|b| decode(&b.fragments, Detail::Full).0)
+            .flat_map(|d| d.spans)
+            .map(|s| (s.trace_id.clone(), s.span_id.clone(), s))
+            .collect();
+        spans.sort_by(|a, b| (&a.0, &a.1, &a.2.name).cmp(&(&b.0, &b.1, &b.2.name)));
+        spans
+    }
+
+    proptest! {
+        /// Fuzz, the wire reader and the splitter: any bytes at all are
+        /// refused with an error or split, never a panic; and whatever is
+        /// accepted, prost decodes too, into the same spans (those with
+        /// valid IDs), each once.
+        #[test]
+        fn fuzz_split_never_panics_and_agrees_with_prost(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600)
+        ) {
+            if let Ok(routed) = split(&bytes) {
+                let request = ExportTraceServiceRequest::decode(bytes.as_slice());
+                prop_assert!(
+                    request.is_ok(),
+                    "split accepted what prost refuses ({:?}): {:02x?}",
+                    request.as_ref().err(),
+                    bytes
+                );
+                let request = request.unwrap_or_default();
+                let total: usize = request
+                    .resource_spans
+                    .iter()
+                    .flat_map(|r| &r.scope_spans)
+                    .map(|s| s.spans.len())
+                    .sum();
+                prop_assert_eq!(routed.span_count + routed.rejected, total);
+                prop_assert_eq!(accepted_spans(&routed).len(), routed.span_count);
+            }
+        }
+
+        /// Fuzz, valid requests and damaged ones: a generated request
+        /// splits into exactly its spans; the same bytes truncated or with
+        /// a byte changed are refused or, where they still decode, agree
+        /// with prost span for span.
+        #[test]
+        fn fuzz_split_of_real_and_damaged_requests(
+            request in arb_request(),
+            cut in any::<proptest::sample::Index>(),
+            flip in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let bytes = request.encode_to_vec();
+            let routed = split(&bytes);
+            prop_assert!(routed.is_ok());
+            let routed = routed.unwrap_or_default();
+            let mut want: Vec<_> = request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| s.spans.clone())
+                .map(|s| (s.trace_id.clone(), s.span_id.clone(), s))
+                .collect();
+            want.sort_by(|a, b| (&a.0, &a.1, &a.2.name).cmp(&(&b.0, &b.1, &b.2.name)));
+            prop_assert_eq!(accepted_spans(&routed), want);
+            for damaged in [
+                bytes[..cut.index(bytes.len() + 1)].to_vec(),
+                {
+                    let mut b = bytes.clone();
+                    if !b.is_empty() {
+                        let at = flip.index(b.len());
+                        b[at] = byte;
+                    }
+                    b
+                },
+            ] {
+                if let Ok(routed) = split(&damaged) {
+                    let decoded = ExportTraceServiceRequest::decode(damaged.as_slice());
+                    prop_assert!(
+                        decoded.is_ok(),
+                        "split accepted what prost refuses ({:?}): {:02x?}",
+                        decoded.err(),
+                        damaged
+                    );
+                    prop_assert_eq!(accepted_spans(&routed).len(), routed.span_count);
+                }
+            }
+        }
     }
 }

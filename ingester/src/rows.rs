@@ -348,4 +348,54 @@ mod tests {
         let r = RawIngesterConfig::default().validate().unwrap().retention;
         assert!(rows(&[0xff, 0xff], "x", &Sampling::default(), &r).is_err());
     }
+
+    proptest::proptest! {
+        /// Fuzz, a message off the queue: any body, under any
+        /// `content_encoding`, is read into rows or refused with the reason
+        /// it is dead-lettered for, never a panic; a real kept trace, however
+        /// compressed, gives one row per span.
+        #[test]
+        fn fuzz_message_decoding(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            encoding in proptest::option::of("lz4|zstd|identity|gzip|.{0,6}"),
+            spans in 0usize..20,
+        ) {
+            use lapin::{BasicProperties, types::ShortString};
+            use tailgate_contract::compression::{Compression, message_body};
+            let retention = RawIngesterConfig::default().validate().unwrap().retention;
+            let props = match &encoding {
+                Some(e) => BasicProperties::default().with_content_encoding(ShortString::from(e.as_str())),
+                None => BasicProperties::default(),
+            };
+            if let Ok(otlp) = message_body(&props, &body) {
+                let _ = rows(&otlp, "m", &Sampling::default(), &retention);
+            }
+            let request = ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    scope_spans: vec![ScopeSpans {
+                        spans: (0..spans)
+                            .map(|i| Span {
+                                trace_id: vec![1; 16],
+                                span_id: vec![u8::try_from(i).unwrap_or(0) + 1; 8],
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            };
+            for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+                let (c, packed) = c.compress(request.encode_to_vec());
+                let props = match c.content_encoding() {
+                    Some(e) => BasicProperties::default().with_content_encoding(ShortString::from(e)),
+                    None => BasicProperties::default(),
+                };
+                let otlp = message_body(&props, &packed);
+                proptest::prop_assert!(otlp.is_ok());
+                let got = rows(&otlp.unwrap_or_default(), "m", &Sampling::default(), &retention);
+                proptest::prop_assert_eq!(got.map(|r| r.len()).ok(), Some(spans));
+            }
+        }
+    }
 }

@@ -754,3 +754,26 @@ fn reads_span_attributes_finds_every_place_a_field_is_named() {
         rules(include_str!("../../benches/rules/order-attributes.yaml")).reads_span_attributes()
     );
 }
+
+proptest! {
+    /// Fuzz, the rules file: any text, and the shipped example damaged at
+    /// any byte, is refused with located errors or compiled, never a panic.
+    #[test]
+    fn fuzz_rules_files(
+        text in ".{0,400}",
+        at in any::<proptest::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        if let Err(e) = Rules::from_yaml(&text, "fuzz.yaml") {
+            prop_assert!(!e.to_string().is_empty());
+        }
+        let mut example = include_bytes!("../examples/order-pipeline.yaml").to_vec();
+        let at = at.index(example.len());
+        example[at] = byte;
+        if let Ok(text) = std::str::from_utf8(&example)
+            && let Err(e) = Rules::from_yaml(text, "fuzz.yaml")
+        {
+            prop_assert!(e.to_string().contains("fuzz.yaml"), "{}", e);
+        }
+    }
+}

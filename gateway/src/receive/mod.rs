@@ -117,4 +117,24 @@ mod tests {
         assert!(matches!(err, ReceiveError::Malformed(_)));
         assert!(err.to_string().contains("malformed OTLP request"), "{err}");
     }
+
+    proptest::proptest! {
+        /// Fuzz, OTLP/JSON: any text is refused with a message or read,
+        /// never a panic; a request written as JSON reads back as itself,
+        /// and takes the protobuf path to the same spans.
+        #[test]
+        fn fuzz_json(
+            text in ".{0,300}",
+            request in crate::route::tests::arb_request(),
+        ) {
+            if let Err(err) = route_json(text.as_bytes()) {
+                proptest::prop_assert!(!err.to_string().is_empty());
+            }
+            let json = serde_json::to_vec(&request).unwrap_or_default();
+            proptest::prop_assert_eq!(decode_json(&json).ok(), Some(request.clone()));
+            let via_json = route_json(&json).map(|r| r.span_count).ok();
+            let via_protobuf = route_protobuf(&request.encode_to_vec()).map(|r| r.span_count).ok();
+            proptest::prop_assert_eq!(via_json, via_protobuf);
+        }
+    }
 }
