@@ -416,6 +416,7 @@ impl PeerHandler for Pipeline {
 mod tests {
     use super::*;
     use crate::{
+        cluster::{Owner, peer::Hello},
         config::RawConfig,
         route::tests::{request, span, split_request},
     };
@@ -441,10 +442,25 @@ mod tests {
         Arc<Metrics>,
         tokio::sync::mpsc::UnboundedReceiver<Rerouted>,
     ) {
+        pipeline_configured(max_buffer_bytes, outbox_bytes, |_| {})
+    }
+
+    /// The same, with more of the configuration set by `configure`.
+    fn pipeline_configured(
+        max_buffer_bytes: usize,
+        outbox_bytes: usize,
+        configure: impl FnOnce(&mut RawConfig),
+    ) -> (
+        Pipeline,
+        Arc<Outbox>,
+        Arc<Metrics>,
+        tokio::sync::mpsc::UnboundedReceiver<Rerouted>,
+    ) {
         let mut raw = RawConfig::default();
         raw.buffer.max_buffer_bytes = max_buffer_bytes;
         raw.receiver.max_request_bytes = max_buffer_bytes;
         raw.policy.random_share = 0.0;
+        configure(&mut raw);
         let cfg = raw.validate().unwrap();
         let metrics = Arc::new(Metrics::new());
         let outbox = Arc::new(Outbox::new(outbox_bytes));
@@ -559,6 +575,53 @@ mod tests {
             assert_eq!((outbox.messages(), p.buffered_traces()), (1, held));
         }
         assert!(!metrics.encode().contains("tailgate_spans_dropped_total{"));
+    }
+
+    /// Spans for a peer that does not answer wait in its forward queue.
+    /// Requests are admitted while the queue is under `forward_max_bytes`
+    /// and refused once it is at it, so it never holds more than one
+    /// request over its bound; nothing refused was counted as received.
+    #[tokio::test]
+    async fn the_forward_queue_holds_to_its_bound() {
+        const BOUND: usize = 2_000;
+        let (p, _, metrics, _) = pipeline_configured(1 << 20, 1 << 20, |raw| {
+            raw.cluster.forward_max_bytes = BOUND;
+        });
+        let peer = "127.0.0.1:9";
+        p.cluster().membership.greeted(&Hello {
+            from: peer.into(),
+            leaving: false,
+        });
+        let peers_traces: Vec<u8> = (1..=255)
+            .filter(|&t| {
+                let id = tailgate_sampling_rules::TraceId([t; 16]);
+                matches!(p.cluster().owner(&id), Owner::Peer(ref owner) if owner.to_string() == peer)
+            })
+            .collect();
+        let mut accepted = 0;
+        let refused = peers_traces.iter().find_map(|&t| {
+            let routed = split_request(&request(vec![("shop-api", vec![span(t, 1, None)])]));
+            let bytes = routed.bytes;
+            match p.ingest(routed, "test") {
+                Ok(_) => {
+                    accepted += 1;
+                    assert!(
+                        p.cluster().forwarder.bytes() < BOUND + bytes,
+                        "more than one request over"
+                    );
+                    None
+                }
+                Err(refusal) => Some(refusal),
+            }
+        });
+        assert!(
+            matches!(refused, Some(Refusal::PeerBacklog { .. })),
+            "{refused:?}"
+        );
+        assert!(p.cluster().forwarder.bytes() >= BOUND);
+        let text = metrics.encode();
+        let received = format!("tailgate_spans_received_total{{protocol=\"test\"}} {accepted}");
+        assert!(text.contains(&received), "{text}");
     }
 
     /// After a membership change, due traces wait two membership checks
