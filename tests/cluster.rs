@@ -14,7 +14,7 @@ use std::{
 use support::{
     PATIENCE, amqp_url,
     broker::{Received, TestQueue},
-    gateway::{Gateway, metric_sum},
+    gateway::{Gateway, logged_spans, metric_sum},
     otlp::{self, OrderSpan, hex, order_trace, trace_id},
 };
 
@@ -303,16 +303,7 @@ async fn a_leaving_node_counts_what_a_hung_peer_never_confirmed() {
         .unwrap();
     a.signal("CONT");
     assert_eq!(status.code(), Some(3), "{status:?}\n{logs}");
-    let stranded = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| {
-            l["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("exiting with spans that no peer confirmed"))
-        })
-        .and_then(|l| l["fields"]["spans"].as_f64())
-        .unwrap_or_else(|| panic!("no count of unconfirmed spans in the logs:\n{logs}"));
+    let stranded = logged_spans(&logs, "exiting with spans that no peer confirmed");
     assert_eq!(
         stranded, own,
         "every span handed to the hung peer is counted"

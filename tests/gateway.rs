@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use support::{
     amqp_url,
     broker::{Proxy, Received, TestQueue},
-    gateway::{Gateway, sum_metric},
+    gateway::{Gateway, logged_spans, sum_metric},
     otlp::{self, hex, order_trace, trace_id},
 };
 
@@ -889,16 +889,7 @@ async fn sigterm_with_the_broker_down_exits_3_within_grace() {
         took < std::time::Duration::from_secs(GRACE_SECS + 1),
         "exited {took:?} after SIGTERM, grace {GRACE_SECS} s"
     );
-    let lost = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| {
-            l["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("shutdown grace period over"))
-        })
-        .and_then(|l| l["fields"]["spans"].as_f64())
-        .unwrap_or_else(|| panic!("no count of lost spans in the logs:\n{logs}"));
+    let lost = logged_spans(&logs, "shutdown grace period over");
     assert_eq!(lost, spans.len() as f64);
     q.delete().await;
 }

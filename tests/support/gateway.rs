@@ -313,3 +313,17 @@ impl Drop for Tailgate {
         }
     }
 }
+
+/// The `spans` field of the first JSON log line whose message starts with
+/// `message`; panics with the logs when there is none.
+pub fn logged_spans(logs: &str, message: &str) -> f64 {
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .and_then(|l| l["fields"]["spans"].as_f64())
+        .unwrap_or_else(|| panic!("no {message:?} line with a span count in the logs:\n{logs}"))
+}
