@@ -8,6 +8,7 @@
 //!   key was set: `file:line:column`, or the environment variable. Values
 //!   out of range are refused, never clamped.
 
+use crate::backoff::Backoff;
 use serde::{Deserialize, Serialize, de::DeserializeOwned, de::IgnoredAny};
 use serde_saphyr::Spanned;
 use std::{
@@ -248,6 +249,14 @@ impl Problems {
             self.add(key, format!("must be at least {min}, got {value}"));
         }
         Duration::from_secs(value.max(min))
+    }
+
+    /// A retry loop's backoff: from [`Backoff::FIRST`] up to `max_secs`,
+    /// which must be at least one second.
+    pub fn backoff(&mut self, key: &'static str, max_secs: u64) -> Backoff {
+        let max = self.whole_secs_at_least(key, max_secs, 1);
+        self.check(key, Backoff::try_new(Backoff::FIRST, max))
+            .unwrap_or_default()
     }
 
     pub fn nonzero(&mut self, key: &'static str, value: usize) -> NonZeroUsize {

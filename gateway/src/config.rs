@@ -466,8 +466,6 @@ impl Validate for RawRabbitmq {
                 "must name an exchange (the default exchange cannot be a topic exchange)",
             );
         }
-        let max_backoff =
-            p.whole_secs_at_least("rabbitmq.max_backoff_secs", self.max_backoff_secs, 1);
         Rabbitmq {
             amqp: p
                 .check("rabbitmq.url", AmqpConfig::parse(&self.url))
@@ -480,12 +478,7 @@ impl Validate for RawRabbitmq {
                 self.confirm_timeout_secs,
                 1,
             ),
-            backoff: p
-                .check(
-                    "rabbitmq.max_backoff_secs",
-                    Backoff::try_new(Backoff::FIRST, max_backoff),
-                )
-                .unwrap_or_default(),
+            backoff: p.backoff("rabbitmq.max_backoff_secs", self.max_backoff_secs),
             compression: self.compression,
         }
     }

@@ -210,12 +210,6 @@ fn identifier(p: &mut Problems, key: &'static str, v: &str) -> String {
     v.to_owned()
 }
 
-fn backoff(p: &mut Problems, key: &'static str, max_secs: u64) -> Backoff {
-    let max = p.whole_secs_at_least(key, max_secs, 1);
-    p.check(key, Backoff::try_new(Backoff::FIRST, max))
-        .unwrap_or_default()
-}
-
 impl Validate for RawIngesterConfig {
     type Valid = IngesterConfig;
 
@@ -254,7 +248,7 @@ impl Validate for RawRabbitmq {
             dead_letter_queue: self.dead_letter_queue.clone(),
             prefetch,
             delivery_limit: self.delivery_limit,
-            backoff: backoff(p, "rabbitmq.max_backoff_secs", self.max_backoff_secs),
+            backoff: p.backoff("rabbitmq.max_backoff_secs", self.max_backoff_secs),
         }
     }
 }
@@ -270,7 +264,7 @@ impl Validate for RawClickhouse {
             database: identifier(p, "clickhouse.database", &self.database),
             table: identifier(p, "clickhouse.table", &self.table),
             migrate_on_start: self.migrate_on_start,
-            backoff: backoff(p, "clickhouse.max_backoff_secs", self.max_backoff_secs),
+            backoff: p.backoff("clickhouse.max_backoff_secs", self.max_backoff_secs),
             dedup_window_days: days(p, "clickhouse.dedup_window_days", self.dedup_window_days),
         }
     }
