@@ -32,9 +32,22 @@ use tokio::{
     time::Sleep,
 };
 use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::error;
 
 /// The length of the HTTP/2 client connection preface.
 const PREFACE_BYTES: usize = 24;
+/// The wait after an accept error that is the listener's, not one client's.
+const ACCEPT_RETRY: Duration = Duration::from_secs(1);
+
+/// An error of one connection (reset before it was accepted): the next
+/// accept may go through at once.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    )
+}
 
 /// What one port allows each connection.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +67,16 @@ pub fn incoming(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     futures_util::stream::unfold((listener, slots), move |(listener, slots)| async move {
         let slot = Arc::clone(&slots).acquire_owned().await.ok()?;
-        let accepted = listener.accept().await.map(|(stream, _)| Slotted {
+        let accepted = listener.accept().await;
+        if let Err(e) = &accepted
+            && !is_connection_error(e)
+        {
+            // Out of file descriptors, say: accepting again at once would
+            // only spin. Wait for connections to close, as hyper and axum do.
+            error!(error = %e, "cannot accept connections; retrying in 1 s");
+            tokio::time::sleep(ACCEPT_RETRY).await;
+        }
+        let accepted = accepted.map(|(stream, _)| Slotted {
             stream,
             _slot: slot,
             first_bytes: Some((
@@ -93,8 +115,7 @@ pub async fn serve(
         let connection = tokio::select! {
             next = connections.next() => match next {
                 Some(Ok(connection)) => connection,
-                // A connection reset before it was accepted, or no file
-                // descriptor left for now: the listener itself is fine.
+                // Already logged and waited for by `incoming`, where it mattered.
                 Some(Err(_)) => continue,
                 None => break,
             },
