@@ -462,6 +462,46 @@ async fn killed_between_insert_and_ack() {
     q.delete().await;
 }
 
+/// Both copies of a republished message in one batch: a gateway that lost
+/// its broker connection before the confirm publishes the message again,
+/// and an ingester cut off by the same outage gets both on redelivery. The
+/// copies wait in the queue while no ingester runs, so the next one takes
+/// them in one batch: the rows are stored once, and the second copy is
+/// counted as a duplicate. Found by the chaos run (before the fix, every
+/// row of such a message was stored twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_copies_in_one_batch_are_stored_once() {
+    let ch = ClickHouse::start();
+    let q = TestQueue::new("ing-twice").await;
+    let names = Ingest::new(&q.exchange);
+    // The first ingester declares the queue; none runs while the copies arrive.
+    names.start(&q.exchange, &ch, &[]).await.terminate();
+    let body = otlp::request(&order_trace(trace_id(37, 1), 10, None)).encode_to_vec();
+    for _ in 0..2 {
+        q.publish_raw("traces.keep.shop-api", &body, "republished-1", None)
+            .await;
+    }
+    let ing = names.start(&q.exchange, &ch, &[]).await;
+    ing.wait_metric("tailgate_ingester_acked_messages_total", &[], 2.0)
+        .await;
+    assert_eq!(
+        ing.metric("tailgate_ingester_batch_messages_count", &[])
+            .await,
+        1.0,
+        "both copies in one batch"
+    );
+    assert_eq!(
+        ing.metric("tailgate_ingester_duplicate_messages_total", &[])
+            .await,
+        1.0
+    );
+    ch.assert_each_span_once(&format!("{}.otel_traces", names.db), 3.0)
+        .await;
+    drop(ing);
+    names.cleanup().await;
+    q.delete().await;
+}
+
 /// Messages that cannot be read (not protobuf, an unknown
 /// `content_encoding`, a body that is not what its encoding says) go to the
 /// dead-letter queue with a header saying why, and are counted. The

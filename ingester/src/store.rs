@@ -7,7 +7,8 @@
 //!    message-ID table (filled by a materialized view from the spans table, in
 //!    the same insert): messages already stored, because they were redelivered
 //!    after a crash between insert and ack, or republished by a gateway that
-//!    lost its broker connection before the confirm, are skipped.
+//!    lost its broker connection before the confirm, are skipped; so are
+//!    second copies within the batch itself.
 //! 2. The insert carries `insert_deduplication_token` = a hash of its message
 //!    IDs, so retrying an insert whose answer was lost is deduplicated by
 //!    ClickHouse itself (also in the materialized views).
@@ -141,9 +142,13 @@ impl Store {
             .into_iter()
             .map(|s| s.message_id)
             .collect();
+        // Both copies of a republished message can arrive in one batch (the
+        // ingester lost its connection in the same broker cut and got them
+        // together on redelivery): only the first is fresh.
+        let mut in_batch: HashSet<&str> = HashSet::with_capacity(batch.len());
         let fresh: Vec<&Pending> = batch
             .iter()
-            .filter(|p| !stored.contains(&p.message_id))
+            .filter(|p| !stored.contains(&p.message_id) && in_batch.insert(&p.message_id))
             .collect();
         let mut result = Stored {
             rows: 0,
