@@ -40,6 +40,20 @@ pub struct RulesError {
     pub errors: Vec<RuleError>,
 }
 
+impl RulesError {
+    /// A file that could not be read, or is not UTF-8: one error, at no position.
+    pub fn unreadable(file: String, cause: &dyn fmt::Display) -> Self {
+        RulesError {
+            file,
+            errors: vec![RuleError {
+                pos: Pos { line: 0, column: 0 },
+                message: format!("cannot read the file: {cause}"),
+                hint: None,
+            }],
+        }
+    }
+}
+
 impl fmt::Display for RulesError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.errors.iter().enumerate() {

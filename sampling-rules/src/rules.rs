@@ -99,14 +99,8 @@ impl Rules {
     /// Reads and compiles a rules file.
     pub fn load(path: &Path) -> Result<Self, RulesError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| RulesError {
-            file: file.clone(),
-            errors: vec![crate::compile::RuleError {
-                pos: Pos { line: 0, column: 0 },
-                message: format!("cannot read the file: {e}"),
-                hint: None,
-            }],
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| RulesError::unreadable(file.clone(), &e))?;
         Self::from_yaml(&text, &file)
     }
 
