@@ -32,6 +32,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    const ALL: [DropReason; 5] = [
+        DropReason::Policy,
+        DropReason::LateSpanOfDroppedTrace,
+        DropReason::InvalidSpan,
+        DropReason::ShutdownUnpublished,
+        DropReason::ShutdownUndelivered,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             DropReason::Policy => "policy",
@@ -110,6 +118,8 @@ fn gauge_value(n: usize) -> i64 {
 #[derive(Debug, Default)]
 pub struct ReceiverMetrics {
     spans: Family<Protocol, Counter>,
+    /// `spans` over every protocol, for the totals logged at exit.
+    spans_total: Counter,
     requests: Family<RequestOutcome, Counter>,
 }
 
@@ -131,6 +141,7 @@ impl ReceiverMetrics {
         self.spans
             .get_or_create(&Protocol { protocol })
             .inc_by(spans as u64);
+        self.spans_total.inc_by(spans as u64);
     }
 
     pub fn request(&self, protocol: &'static str, outcome: &'static str) {
@@ -287,6 +298,8 @@ pub struct ClusterMetrics {
     peers: Gauge,
     membership_changes: Counter,
     forwarded_spans: Family<Peer, Counter>,
+    /// `forwarded_spans` over every peer, for the totals logged at exit.
+    forwarded_spans_total: Counter,
     forwarded_bytes: Family<Peer, Counter>,
     peer_errors: Family<Peer, Counter>,
     spans_lost_with_peer: Family<Peer, Counter>,
@@ -365,6 +378,7 @@ impl ClusterMetrics {
         self.forwarded_spans
             .get_or_create(&label)
             .inc_by(spans as u64);
+        self.forwarded_spans_total.inc_by(spans as u64);
         self.forwarded_bytes
             .get_or_create(&label)
             .inc_by(bytes as u64);
@@ -562,12 +576,71 @@ impl Metrics {
             .inc_by(spans as u64);
     }
 
+    /// This process's span accounting so far: what it accepted from
+    /// clients, took from peers, handed to peers, published, and dropped by
+    /// reason. Logged at exit, since the counters end with the process.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            received: self.receiver.spans_total.get(),
+            delivered: self.cluster.delivered_spans.get(),
+            forwarded: self.cluster.forwarded_spans_total.get(),
+            published: self.publish.spans.get(),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|&reason| {
+                    let label = reason.label();
+                    let n = self
+                        .dropped_spans
+                        .get_or_create(&Reason { reason: label })
+                        .get();
+                    (label, n)
+                })
+                .collect(),
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Span counts of one process's life; see [`Metrics::totals`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Totals {
+    pub received: u64,
+    pub delivered: u64,
+    pub forwarded: u64,
+    pub published: u64,
+    pub dropped: Vec<(&'static str, u64)>,
+}
+
+impl Totals {
+    /// Spans this process still held: taken in, and neither handed on,
+    /// published nor dropped.
+    pub fn held(&self) -> i128 {
+        i128::from(self.received) + i128::from(self.delivered)
+            - i128::from(self.forwarded)
+            - i128::from(self.published)
+            - i128::from(self.dropped())
+    }
+
+    /// Spans dropped, whatever the reason.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.iter().map(|(_, n)| n).sum()
+    }
+
+    /// `reason=spans` pairs, space-separated.
+    pub fn dropped_by_reason(&self) -> String {
+        let pairs: Vec<String> = self
+            .dropped
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        pairs.join(" ")
     }
 }
 

@@ -318,11 +318,23 @@ impl Node {
             grace = ?self.grace,
             "shutting down: leaving the cluster, refusing new requests, handing off or deciding buffered traces, draining the outbox"
         );
+        let metrics = Arc::clone(&self.metrics);
         self.leave_cluster(deadline).await;
         let node = self.stop_receiving(deadline, failure.is_some()).await;
         let undelivered = node.hand_off_or_decide(deadline).await;
         let (unpublished, servers) = node.drain_outbox(deadline).await;
         servers.stop();
+        let totals = metrics.totals();
+        info!(
+            spans_received = totals.received,
+            spans_from_peers = totals.delivered,
+            spans_to_peers = totals.forwarded,
+            spans_published = totals.published,
+            spans_dropped = totals.dropped(),
+            dropped_by_reason = %totals.dropped_by_reason(),
+            spans_held = totals.held(),
+            "span accounting of this process"
+        );
         if let Some(failure) = failure {
             return Err(failure);
         }

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod broker;
+pub mod chaos;
 pub mod clickhouse;
 pub mod e2e;
 pub mod gateway;
