@@ -454,3 +454,78 @@ async fn a_delivered_batch_is_not_forwarded_again() {
     assert_eq!(b.metric("tailgate_traces_decided_total", &[]).await, 0.0);
     q.delete().await;
 }
+
+/// Sampling by key across nodes (`sample: {rate: 4, by: attributes.order.id}`):
+/// 300 orders of 3 traces each (different trace IDs; every span carries its
+/// order's `order.id`), their spans sprayed over 3 nodes. Every trace of a
+/// sampled order is kept, each span with the rule's threshold and the
+/// order's randomness as `rv` in its tracestate, and no trace of any other
+/// order: the kept orders are exactly those the order ID alone selects.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_sampling_keeps_whole_orders_across_nodes() {
+    use tailgate_sampling_rules::{Probability, Randomness, Threshold};
+    let dir = std::env::temp_dir().join(support::unique("key-sampling"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = dir.join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "rules:\n  - name: orders\n    action: { sample: { rate: 4, by: attributes.order.id } }\n",
+    )
+    .unwrap();
+    let rules_file = rules.display().to_string();
+    let with_rules = [("TAILGATE_RULES__FILE", rules_file.as_str())];
+    let mut q = TestQueue::new("keysample").await;
+    let a = node(&q, &[], &with_rules);
+    let b = node(&q, &[&a], &with_rules);
+    let c = node(&q, &[&a, &b], &with_rules);
+    let nodes = [&a, &b, &c];
+    converged(&nodes, 3).await;
+
+    let mut traces = Vec::new();
+    let mut order_of = BTreeMap::new();
+    for o in 0..300u64 {
+        let order = format!("ord-{o}");
+        for t in 0..3 {
+            let mut trace = order_trace(trace_id(90, o * 10 + t), 20, None);
+            for s in &mut trace {
+                s.span.attributes = vec![otlp::kv("order.id", &order)];
+            }
+            order_of.insert(hex(&trace[0].span.trace_id), order.clone());
+            traces.push(trace);
+        }
+    }
+    send_traces(&nodes, &traces, &mut Rng(11)).await;
+    let kept = settled(&nodes, 900.0).await;
+    let messages = q.take(kept).await;
+
+    let threshold = Threshold::from_probability(Probability::new(0.25).unwrap()).unwrap();
+    let selected = |order: &str| threshold.keeps(Randomness::of_key(order));
+    let mut kept_by_order: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &messages {
+        let order = &order_of[&m.trace_id()];
+        *kept_by_order.entry(order.clone()).or_default() += 1;
+        let rv = Randomness::of_key(order).to_rv();
+        for span in m.spans() {
+            assert_eq!(
+                span.trace_state,
+                format!("ot=th:{};rv:{rv}", threshold.to_th()),
+                "trace {}",
+                m.trace_id()
+            );
+        }
+    }
+    let expected: BTreeMap<String, usize> = (0..300)
+        .map(|o| format!("ord-{o}"))
+        .filter(|o| selected(o))
+        .map(|o| (o, 3))
+        .collect();
+    assert_eq!(kept_by_order, expected, "whole orders kept, and only those");
+    assert!(
+        (40..=110).contains(&expected.len()),
+        "about 1 in 4 of 300 orders: {}",
+        expected.len()
+    );
+    drop((a, b, c));
+    q.delete().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

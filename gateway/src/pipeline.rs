@@ -799,6 +799,7 @@ mod tests {
                         th,
                         adjusted_count,
                         root_service: "shop-api".into(),
+                        rv: None,
                     })
                     .collect(),
             };

@@ -30,8 +30,9 @@ pub const OVERFLOW_KEY: &str = "__overflow__";
 pub enum Action {
     Keep,
     Drop,
-    /// Keep 1 in N at this threshold (`None`: N so large nothing is kept).
-    Sample(Option<Threshold>),
+    /// Keep 1 in N at this threshold (`None`: N so large nothing is kept),
+    /// on the trace's randomness or, with `by`, on that field's value's.
+    Sample(Sample),
     RateLimit(RateLimit),
     Throughput(Throughput),
 }
@@ -42,7 +43,8 @@ impl Action {
         match self {
             Action::RateLimit(limit) => &limit.key,
             Action::Throughput(t) => &t.key,
-            Action::Keep | Action::Drop | Action::Sample(_) => &[],
+            Action::Sample(s) => s.by.as_slice(),
+            Action::Keep | Action::Drop => &[],
         }
     }
 
@@ -60,15 +62,23 @@ impl Action {
         match self {
             Action::Keep => Decision::Keep(Kept::all(rule.clone())),
             Action::Drop => drop(),
-            Action::Sample(threshold) => match threshold {
-                Some(t) if t.keeps(randomness()) => Decision::Keep(Kept::at(rule.clone(), *t)),
-                _ => drop(),
-            },
+            Action::Sample(Sample { threshold, by }) => {
+                let Some(t) = threshold else { return drop() };
+                // A trace without the key falls back to its own randomness.
+                let key = by.as_ref().and_then(|f| facts.trace_value(f));
+                match key.map(|v| Randomness::of_key(&v.text())) {
+                    Some(r) if t.keeps(r) => Decision::Keep(Kept::by_key(rule.clone(), *t, r)),
+                    Some(_) => drop(),
+                    None if t.keeps(randomness()) => Decision::Keep(Kept::at(rule.clone(), *t)),
+                    None => drop(),
+                }
+            }
             Action::RateLimit(limit) => match limit.admit(&key_of(&limit.key, facts), now) {
                 Some(adjusted_count) => Decision::Keep(Kept {
                     rule: rule.clone(),
                     threshold: None,
                     adjusted_count,
+                    randomness: None,
                 }),
                 None => drop(),
             },
@@ -80,6 +90,24 @@ impl Action {
                     drop()
                 }
             }
+        }
+    }
+}
+
+/// `sample`: 1 in N, consistent on every node.
+#[derive(Debug)]
+pub struct Sample {
+    pub threshold: Option<Threshold>,
+    /// At most one field: with it, every trace with the same value of it
+    /// gets the same answer (a whole order's traces, say).
+    pub by: Option<SpanField>,
+}
+
+impl Sample {
+    pub fn by_trace(threshold: Option<Threshold>) -> Self {
+        Self {
+            threshold,
+            by: None,
         }
     }
 }

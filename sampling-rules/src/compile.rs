@@ -2,7 +2,7 @@
 //! its position and a hint instead of stopping at the first.
 
 use crate::{
-    action::{Action, RateLimit, Throughput},
+    action::{Action, RateLimit, Sample, Throughput},
     condition::{CmpOp, Condition, Literal, Op, Test},
     decision::RuleName,
     field::{Field, FieldType, SpanField},
@@ -85,7 +85,7 @@ const OPERATORS: &[&str] = &[
     "does-not-contain",
     "matches",
 ];
-const ACTIONS: &str = "keep, drop, {sample: {rate: N}}, {rate_limit: {traces_per_sec: X, key: [fields]}}, {throughput: {target_per_sec: X, key: [fields]}}";
+const ACTIONS: &str = "keep, drop, {sample: {rate: N, by: field}}, {rate_limit: {traces_per_sec: X, key: [fields]}}, {throughput: {target_per_sec: X, key: [fields]}}";
 /// Default cap on distinct keys of a per-key sampler.
 const DEFAULT_MAX_KEYS: usize = 1000;
 
@@ -726,8 +726,12 @@ impl Compiler<'_> {
 
     fn sample(&mut self, node: &Node) -> Option<Action> {
         let map = self.map(node, "`sample`")?;
-        let entries = self.known(map, &["rate"], "`sample`");
-        let Some((_, rate, _)) = entries.first() else {
+        let entries = self.known(map, &["rate", "by"], "`sample`");
+        let by = match entries.iter().find(|(k, _, _)| *k == "by") {
+            Some((_, field, _)) => Some(self.sample_key(field)?),
+            None => None,
+        };
+        let Some((_, rate, _)) = entries.iter().find(|(k, _, _)| *k == "rate") else {
             self.err(
                 node.pos,
                 "`sample` needs a `rate`",
@@ -739,7 +743,10 @@ impl Compiler<'_> {
             Value::Int(n) if n >= 1 => {
                 #[allow(clippy::cast_precision_loss)]
                 let p = Probability::new(1.0 / n as f64).ok()?;
-                Some(Action::Sample(Threshold::from_probability(p)))
+                Some(Action::Sample(Sample {
+                    threshold: Threshold::from_probability(p),
+                    by,
+                }))
             }
             _ => {
                 self.err(
@@ -750,6 +757,27 @@ impl Compiler<'_> {
                 None
             }
         }
+    }
+
+    /// The field of `sample: {by: …}`: one span field, read from the root
+    /// span first, then from any span.
+    fn sample_key(&mut self, node: &Node) -> Option<SpanField> {
+        let name = node.as_str().unwrap_or("");
+        let field = SpanField::parse(name.strip_prefix("root.").unwrap_or(name));
+        if field.is_none() {
+            self.err(
+                node.pos,
+                format!(
+                    "`{}` cannot be a sampling key",
+                    node.scalar_text().unwrap_or_default()
+                ),
+                Some(format!(
+                    "one span field, e.g. `by: attributes.order.id`: {}",
+                    crate::field::SPAN_FIELDS
+                )),
+            );
+        }
+        field
     }
 
     fn per_key(

@@ -1,6 +1,6 @@
 //! The outcome of evaluating a policy against one trace.
 
-use crate::threshold::Threshold;
+use crate::threshold::{Randomness, Threshold};
 use std::{fmt, sync::Arc};
 
 /// The name of the rule that decided; it becomes `sampling.rule` on kept spans.
@@ -40,6 +40,9 @@ pub struct Kept {
     /// How many traces this one stands for: 1 for `keep`, N for `sample: {rate: N}`,
     /// an estimate for rate limits.
     pub adjusted_count: f64,
+    /// The randomness the threshold was applied to, when it is not the
+    /// trace's own (`sample: {by: …}`): written as `rv` beside `th`.
+    pub randomness: Option<Randomness>,
 }
 
 impl Kept {
@@ -49,6 +52,7 @@ impl Kept {
             rule,
             threshold: Some(Threshold::ALWAYS),
             adjusted_count: 1.0,
+            randomness: None,
         }
     }
 
@@ -58,6 +62,16 @@ impl Kept {
             rule,
             threshold: Some(threshold),
             adjusted_count: threshold.adjusted_count(),
+            randomness: None,
+        }
+    }
+
+    /// A consistent-probability decision at `threshold` on a key's
+    /// `randomness`, which every span then carries as `rv`.
+    pub fn by_key(rule: RuleName, threshold: Threshold, randomness: Randomness) -> Self {
+        Self {
+            randomness: Some(randomness),
+            ..Self::at(rule, threshold)
         }
     }
 

@@ -2,7 +2,7 @@
 //! whose conditions hold decides.
 
 use crate::{
-    action::Action,
+    action::{Action, Sample},
     compile::{RulesError, compile},
     condition::{CmpOp, Condition, Facts, Literal, Op, Test},
     decision::{Decision, RuleName},
@@ -136,7 +136,7 @@ impl Rules {
             rule(
                 "random",
                 None,
-                Action::Sample(Threshold::from_probability(share)),
+                Action::Sample(Sample::by_trace(Threshold::from_probability(share))),
             ),
         ];
         let description = format!("default policy: slow >= {slow:?}, share {}", share.get());

@@ -356,6 +356,88 @@ fn sample_rate() {
     assert!((850..=1150).contains(&kept), "kept {kept}");
 }
 
+/// An order's trace (any ID) whose spans carry `order.id` = `order`.
+fn order_with(order: &str, trace: u64) -> T {
+    let t = trace_of_order(order);
+    with_id(&t, trace)
+}
+
+fn trace_of_order(order: &str) -> T {
+    trace(vec![
+        ("shop-api", sp(1, None).attr("order.id", s(order))),
+        ("crm-api", sp(2, Some(1)).attr("order.id", s(order))),
+    ])
+}
+
+/// `sample: {rate: N, by: field}` decides by the field's value alone: every
+/// trace of an order gets the order's answer, whatever its trace ID, so 1
+/// in N orders is kept whole. Kept traces carry the threshold, adjusted
+/// count N, and the key's randomness (for `rv`); a trace without the field
+/// is sampled by its own randomness.
+#[test]
+fn sample_by_key() {
+    let r = rules(
+        "rules:
+  - name: orders
+    action: { sample: { rate: 10, by: attributes.order.id } }
+",
+    );
+    let mut kept_orders = 0;
+    for o in 0..2_000u64 {
+        let order = format!("ord-{o}");
+        let answers: Vec<Decision> = (0..5)
+            .map(|t| r.decide(&order_with(&order, o * 100 + t), Instant::now()))
+            .collect();
+        assert!(
+            answers.iter().all(|a| a.is_keep() == answers[0].is_keep()),
+            "order {order}: its traces were decided differently"
+        );
+        if let Decision::Keep(k) = &answers[0] {
+            kept_orders += 1;
+            assert!((k.adjusted_count - 10.0).abs() < 0.01);
+            let (th, rv) = (k.threshold.expect("a threshold"), k.randomness.expect("rv"));
+            assert!(th.keeps(rv));
+            assert_eq!(rv, crate::Randomness::of_key(&order));
+        }
+    }
+    // n·p = 200, σ ≈ 13.4: ±5σ.
+    assert!(
+        (133..=267).contains(&kept_orders),
+        "kept {kept_orders} orders"
+    );
+    // No key: the trace's own randomness, no explicit rv.
+    let keyless = trace(vec![("shop-api", sp(1, None))]);
+    let kept = (0..1_000)
+        .filter_map(|i| match r.decide(&with_id(&keyless, i), Instant::now()) {
+            Decision::Keep(k) => Some(k),
+            Decision::Drop { .. } => None,
+        })
+        .inspect(|k| assert!(k.randomness.is_none()))
+        .count();
+    assert!((40..=160).contains(&kept), "kept {kept} keyless traces");
+}
+
+/// `by` names one span field; anything else is refused where it stands.
+#[test]
+fn sample_by_key_errors() {
+    let e = errors(
+        "rules:
+  - name: orders
+    action: { sample: { rate: 10, by: nonsense } }
+",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!((e[0].pos.line, e[0].pos.column), (3, 39), "{e:?}");
+    assert!(e[0].message.contains("cannot be a sampling key"), "{e:?}");
+    let e = errors(
+        "rules:
+  - name: orders
+    action: { sample: { by: attributes.order.id } }
+",
+    );
+    assert!(e[0].message.contains("needs a `rate`"), "{e:?}");
+}
+
 /// `rate_limit` keeps at most its budget per key per second, without a threshold.
 #[test]
 fn rate_limit_action() {

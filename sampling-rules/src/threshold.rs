@@ -8,6 +8,7 @@
 //! adjusted count `2^56 / (2^56 - T)` lets the backend count what was dropped.
 
 use opentelemetry_proto::tonic::trace::v1::Span;
+use sha2::{Digest, Sha256};
 use std::fmt;
 
 /// 2^56: the size of the randomness space.
@@ -60,10 +61,29 @@ impl Randomness {
     /// says takes precedence over the trace ID bits.
     pub fn from_tracestate(tracestate: &str) -> Option<Self> {
         let rv = ot_subkeys(tracestate)?.find_map(|(k, v)| (k == "rv").then_some(v))?;
+        Self::from_rv(rv)
+    }
+
+    /// The randomness of a key's value (`sample: {by: …}`): 56 bits of its
+    /// SHA-256, the same on every node and for every trace with that value.
+    pub fn of_key(value: &str) -> Self {
+        let digest = Sha256::digest(value.as_bytes());
+        let mut low = [0u8; 8];
+        low[1..].copy_from_slice(&digest[..7]);
+        Self(u64::from_be_bytes(low))
+    }
+
+    /// Reads an `rv` sub-key value (14 hex digits).
+    pub fn from_rv(rv: &str) -> Option<Self> {
         if rv.len() != DIGITS {
             return None;
         }
         u64::from_str_radix(rv, 16).ok().map(Self)
+    }
+
+    /// The `rv` sub-key value: 14 hex digits.
+    pub fn to_rv(self) -> String {
+        format!("{:014x}", self.0)
     }
 
     /// The randomness of a trace: the first explicit `rv` among its spans, else the trace ID.
@@ -164,17 +184,26 @@ fn ot_subkeys(tracestate: &str) -> Option<impl Iterator<Item = (&str, &str)>> {
 pub fn with_threshold(
     tracestate: &str,
     threshold: Option<Threshold>,
+    randomness: Option<Randomness>,
 ) -> (String, Option<Threshold>) {
-    let effective = threshold
-        .map(|t| Threshold::from_tracestate(tracestate).map_or(t, |upstream| upstream.max(t)));
+    // A decision on explicit randomness (a key's) restarts the composition:
+    // an upstream threshold was against other randomness.
+    let effective = threshold.map(|t| match randomness {
+        Some(_) => t,
+        None => Threshold::from_tracestate(tracestate).map_or(t, |upstream| upstream.max(t)),
+    });
     let mut subkeys: Vec<String> = effective
         .map(|t| format!("th:{}", t.to_th()))
         .into_iter()
         .collect();
+    if let Some(rv) = randomness.filter(|_| effective.is_some()) {
+        subkeys.push(format!("rv:{}", rv.to_rv()));
+    }
+    let replaced_rv = randomness.is_some() && effective.is_some();
     if let Some(existing) = ot_subkeys(tracestate) {
         subkeys.extend(
             existing
-                .filter(|(k, _)| *k != "th")
+                .filter(|(k, _)| *k != "th" && !(replaced_rv && *k == "rv"))
                 .map(|(k, v)| format!("{k}:{v}")),
         );
     }
@@ -271,21 +300,45 @@ mod tests {
     #[test]
     fn tracestate_editing() {
         let always = Some(Threshold::ALWAYS);
-        assert_eq!(with_threshold("", always).0, "ot=th:0");
+        assert_eq!(with_threshold("", always, None).0, "ot=th:0");
         assert_eq!(
-            with_threshold("a=1, ot=th:8;rv:0123456789abcd ,b=2", always),
+            with_threshold("a=1, ot=th:8;rv:0123456789abcd ,b=2", always, None),
             (
                 "ot=th:8;rv:0123456789abcd,a=1,b=2".to_owned(),
                 Threshold::from_th("8")
             )
         );
         let c = Threshold::from_th("c");
-        assert_eq!(with_threshold("ot=th:8", c), ("ot=th:c".to_owned(), c));
+        assert_eq!(
+            with_threshold("ot=th:8", c, None),
+            ("ot=th:c".to_owned(), c)
+        );
         // A non-consistent decision erases th and keeps the rest.
         assert_eq!(
-            with_threshold("a=1,ot=th:8;rv:0123456789abcd", None).0,
+            with_threshold("a=1,ot=th:8;rv:0123456789abcd", None, None).0,
             "ot=rv:0123456789abcd,a=1"
         );
-        assert_eq!(with_threshold("ot=th:8,a=1", None).0, "a=1");
+        assert_eq!(with_threshold("ot=th:8,a=1", None, None).0, "a=1");
+    }
+
+    /// A keep on a key's randomness writes that randomness as `rv` with
+    /// its own threshold: an upstream `rv` and `th` (against other
+    /// randomness) are replaced, other sub-keys stay; the same value always
+    /// gives the same randomness.
+    #[test]
+    fn a_key_decision_writes_its_randomness() {
+        let r = Randomness::of_key("ord-4711");
+        assert_eq!(r, Randomness::of_key("ord-4711"));
+        assert_ne!(r, Randomness::of_key("ord-4712"));
+        assert_eq!(Randomness::from_rv(&r.to_rv()), Some(r));
+        let half = Threshold::from_th("8");
+        let (state, effective) = with_threshold("a=1,ot=th:c;rv:0123456789abcd;x:y", half, Some(r));
+        assert_eq!(state, format!("ot=th:8;rv:{};x:y,a=1", r.to_rv()));
+        assert_eq!(effective, half);
+        // Dropped (no threshold): nothing is claimed, the upstream rv stays.
+        assert_eq!(
+            with_threshold("ot=rv:0123456789abcd", None, Some(r)).0,
+            "ot=rv:0123456789abcd"
+        );
     }
 }

@@ -17,7 +17,7 @@ use membership::Membership;
 use peer::HandedDecision;
 use ring::PeerId;
 use std::{sync::Arc, time::Duration};
-use tailgate_sampling_rules::{Kept, RuleName, Threshold, TraceId};
+use tailgate_sampling_rules::{Kept, Randomness, RuleName, Threshold, TraceId};
 use tokio::sync::mpsc;
 
 /// Where a trace's spans go.
@@ -84,6 +84,7 @@ pub fn handed(trace_id: &TraceId, verdict: &Verdict) -> HandedDecision {
             th: k.kept.threshold.map(|t| t.to_th()),
             adjusted_count: k.kept.adjusted_count,
             root_service: k.root_service.to_string(),
+            rv: k.kept.randomness.map(Randomness::to_rv),
         },
         Verdict::Drop => HandedDecision {
             trace_id: trace_id.0.to_vec(),
@@ -102,6 +103,7 @@ pub fn verdict(d: &HandedDecision) -> Option<(TraceId, Verdict)> {
                 rule: RuleName::new(&d.rule),
                 threshold: d.th.as_deref().and_then(Threshold::from_th),
                 adjusted_count: d.adjusted_count,
+                randomness: d.rv.as_deref().and_then(Randomness::from_rv),
             },
             d.root_service.as_str().into(),
         )

@@ -50,6 +50,9 @@ pub struct HandedDecision {
     pub adjusted_count: f64,
     #[prost(string, tag = "6")]
     pub root_service: String,
+    /// OTEP 235 `rv` value, for keeps by a key's randomness (`sample: {by}`).
+    #[prost(string, optional, tag = "7")]
+    pub rv: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]

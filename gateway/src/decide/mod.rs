@@ -187,7 +187,8 @@ fn root_service(trace: &DecodedTrace) -> Option<&str> {
 fn annotate(fragments: &mut [Decoded], kept: &Kept) -> usize {
     let mut count = 0;
     for span in fragments.iter_mut().flat_map(|f| f.spans.iter_mut()) {
-        let (trace_state, effective) = with_threshold(&span.trace_state, kept.threshold);
+        let (trace_state, effective) =
+            with_threshold(&span.trace_state, kept.threshold, kept.randomness);
         let adjusted_count = effective.map_or(kept.adjusted_count, |t| t.adjusted_count());
         span.trace_state = trace_state;
         span.attributes
