@@ -633,7 +633,7 @@ async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
 /// sends nothing, one that sends half its headers, one that sends half its
 /// body, one with half an HTTP/2 preface on the gRPC port, and silent ones
 /// on the cluster and admin ports. Each is closed once its timeout is over
-/// (headers 1 s, body 2 s; the slow body gets 408 with a message), while an
+/// (headers 1 s on every port, body 2 s; the slow body gets 408 with a message), while an
 /// ordinary client is served meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_are_closed_while_others_are_served() {
@@ -646,6 +646,7 @@ async fn slow_clients_are_closed_while_others_are_served() {
         &[
             ("TAILGATE_RECEIVER__HEADER_READ_TIMEOUT_SECS", "1"),
             ("TAILGATE_RECEIVER__BODY_READ_TIMEOUT_SECS", "2"),
+            ("TAILGATE_ADMIN__HEADER_READ_TIMEOUT_SECS", "1"),
         ],
     );
     let started = Instant::now();
@@ -665,7 +666,8 @@ async fn slow_clients_are_closed_while_others_are_served() {
         .unwrap();
     let mut half_preface = TcpStream::connect(gw.grpc).await.unwrap();
     half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
-    // The cluster and admin ports hold their connections to the same limits.
+    // The cluster port holds its connections to the receiver's limits, the
+    // admin port to its own (`admin.header_read_timeout_secs`).
     let mut silent_peer = TcpStream::connect(gw.peer.as_str()).await.unwrap();
     let mut silent_admin = TcpStream::connect(gw.admin).await.unwrap();
 

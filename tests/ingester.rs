@@ -502,6 +502,59 @@ async fn two_copies_in_one_batch_are_stored_once() {
     q.delete().await;
 }
 
+/// The ingester's admin port holds its connections to `admin.*` limits:
+/// with `max_connections` 2, two clients that connect and send nothing take
+/// both places, and a probe is answered only once one of them has been
+/// closed by `header_read_timeout_secs`, never alongside them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ingester_admin_port_is_held_to_its_limits() {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+    let ch = ClickHouse::start();
+    let q = TestQueue::new("ing-admin").await;
+    let names = Ingest::new(&q.exchange);
+    let ing = names
+        .start(
+            &q.exchange,
+            &ch,
+            &[
+                ("TAILGATE_ADMIN__MAX_CONNECTIONS", "2"),
+                ("TAILGATE_ADMIN__HEADER_READ_TIMEOUT_SECS", "1"),
+            ],
+        )
+        .await;
+    let mut silent = [
+        TcpStream::connect(ing.admin).await.unwrap(),
+        TcpStream::connect(ing.admin).await.unwrap(),
+    ];
+    let mut probe = TcpStream::connect(ing.admin).await.unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: tailgate\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    probe.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let mut closed = 0;
+    for held in &mut silent {
+        let mut buf = [0u8; 1];
+        match tokio::time::timeout(std::time::Duration::ZERO, held.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(_)) => panic!("a silent client was sent something"),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        closed >= 1,
+        "the probe was served while both silent clients were open"
+    );
+    drop(ing);
+    names.cleanup().await;
+    q.delete().await;
+}
+
 /// Messages that cannot be read (not protobuf, an unknown
 /// `content_encoding`, a body that is not what its encoding says) go to the
 /// dead-letter queue with a header saying why, and are counted. The

@@ -8,7 +8,7 @@
 //!   key was set: `file:line:column`, or the environment variable. Values
 //!   out of range are refused, never clamped.
 
-use crate::backoff::Backoff;
+use crate::{backoff::Backoff, listen::ConnectionLimits};
 use serde::{Deserialize, Serialize, de::DeserializeOwned, de::IgnoredAny};
 use serde_saphyr::Spanned;
 use std::{
@@ -350,6 +350,11 @@ pub trait DefaultPort {
 pub struct RawAdmin<P: DefaultPort> {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     pub listen: String,
+    /// Connections open at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A new connection's first bytes, a request's headers, and an idle
+    /// keep-alive connection's next request must come within this.
+    pub header_read_timeout_secs: f64,
     #[serde(skip)]
     port: PhantomData<fn() -> P>,
 }
@@ -358,6 +363,8 @@ impl<P: DefaultPort> Default for RawAdmin<P> {
     fn default() -> Self {
         Self {
             listen: format!("0.0.0.0:{}", P::PORT),
+            max_connections: 64,
+            header_read_timeout_secs: 10.0,
             port: PhantomData,
         }
     }
@@ -367,6 +374,8 @@ impl<P: DefaultPort> Clone for RawAdmin<P> {
     fn clone(&self) -> Self {
         Self {
             listen: self.listen.clone(),
+            max_connections: self.max_connections,
+            header_read_timeout_secs: self.header_read_timeout_secs,
             port: PhantomData,
         }
     }
@@ -376,15 +385,39 @@ impl<P: DefaultPort> fmt::Debug for RawAdmin<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RawAdmin")
             .field("listen", &self.listen)
+            .field("max_connections", &self.max_connections)
+            .field("header_read_timeout_secs", &self.header_read_timeout_secs)
             .finish()
     }
 }
 
-impl<P: DefaultPort> Validate for RawAdmin<P> {
-    type Valid = SocketAddr;
+/// The admin port, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub limits: ConnectionLimits,
+}
 
-    fn check(&self, p: &mut Problems) -> SocketAddr {
-        p.addr("admin.listen", &self.listen)
+impl<P: DefaultPort> Validate for RawAdmin<P> {
+    type Valid = Admin;
+
+    fn check(&self, p: &mut Problems) -> Admin {
+        Admin {
+            listen: p.addr("admin.listen", &self.listen),
+            limits: ConnectionLimits {
+                max_connections: p
+                    .nonzero("admin.max_connections", self.max_connections)
+                    .get(),
+                header_read_timeout: p.secs_at_least(
+                    "admin.header_read_timeout_secs",
+                    self.header_read_timeout_secs,
+                    Duration::from_millis(100),
+                ),
+                // Scrapers and probes: the OTLP ports' keep-alive defaults.
+                keepalive_interval: Duration::from_secs(30),
+                keepalive_timeout: Duration::from_secs(20),
+            },
+        }
     }
 }
 
@@ -446,7 +479,7 @@ mod tests {
 
         fn check(&self, p: &mut Problems) -> Self::Valid {
             (
-                self.admin.check(p),
+                self.admin.check(p).listen,
                 p.secs("limits.wait_secs", self.limits.wait_secs),
                 p.nonzero("limits.bytes", self.limits.bytes),
             )

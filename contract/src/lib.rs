@@ -10,10 +10,12 @@
 //!   every configuration file shares.
 //! - [`backoff`]: the one exponential backoff every retry loop uses.
 //! - [`admin`]: `/metrics`, `/healthz` and `/readyz`, the same in every process.
+//! - [`listen`]: the connection limits every listening port is held to.
 
 pub mod admin;
 pub mod amqp;
 pub mod backoff;
 pub mod compression;
 pub mod config;
+pub mod listen;
 pub mod message;

@@ -7,14 +7,14 @@
 //! types (`Duration`, `NonZeroUsize`, `Probability`), reporting every
 //! problem at once. Option names carry their unit.
 
-use crate::receive::listen::ConnectionLimits;
 use serde::{Deserialize, Serialize};
 use std::{net::SocketAddr, num::NonZeroUsize, time::Duration};
 pub use tailgate_contract::compression::Compression;
+use tailgate_contract::listen::ConnectionLimits;
 use tailgate_contract::{
     amqp::AmqpConfig,
     backoff::Backoff,
-    config::{DefaultPort, Problems, RawAdmin, RawShutdown, Validate},
+    config::{Admin, DefaultPort, Problems, RawAdmin, RawShutdown, Validate},
 };
 use tailgate_sampling_rules::{Probability, ProbabilityError};
 
@@ -247,7 +247,7 @@ pub struct Config {
     pub decision_cache: DecisionCache,
     pub rabbitmq: Rabbitmq,
     pub cluster: Cluster,
-    pub admin_listen: SocketAddr,
+    pub admin: Admin,
     pub shutdown_grace: Duration,
 }
 
@@ -324,7 +324,7 @@ impl Validate for RawConfig {
             decision_cache: self.decision_cache.check(p),
             rabbitmq: self.rabbitmq.check(p),
             cluster: self.cluster.check(p),
-            admin_listen: self.admin.check(p),
+            admin: self.admin.check(p),
             shutdown_grace: self.shutdown.check(p),
         }
         .cross_checked(p)
@@ -541,7 +541,7 @@ mod tests {
         assert_eq!(c.rabbitmq.compression, Compression::Lz4);
         assert_eq!(c.decision_cache.ttl, Duration::from_secs(300));
         assert_eq!(c.receiver.grpc_listen.port(), 4317);
-        assert_eq!(c.admin_listen.port(), 8888);
+        assert_eq!(c.admin.listen.port(), 8888);
     }
 
     /// The example configuration shipped in the docs parses and validates.

@@ -25,9 +25,10 @@ use crate::{
     metrics::{DropReason, Metrics},
     pipeline::Pipeline,
     publish::{Outbox, amqp},
-    receive::{self, listen},
+    receive,
 };
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use tailgate_contract::listen;
 use tokio::{
     net::TcpListener,
     sync::{Mutex, mpsc},
@@ -117,7 +118,7 @@ impl Node {
         let rules = Arc::new(reload::initial(cfg)?);
         let grpc_listener = bind("OTLP/gRPC", cfg.receiver.grpc_listen).await?;
         let http_listener = bind("OTLP/HTTP", cfg.receiver.http_listen).await?;
-        let admin_listener = bind("admin", cfg.admin_listen).await?;
+        let admin_listener = bind("admin", cfg.admin.listen).await?;
         let peer_listener = bind("cluster", cfg.cluster.listen).await?;
         let me = advertise(cfg, &peer_listener);
 
@@ -137,8 +138,10 @@ impl Node {
             cluster,
         ));
 
-        // Every port holds its connections to the same limits.
+        // The OTLP and cluster ports hold their connections to the
+        // receiver's limits; the admin port to its own.
         let limits = cfg.receiver.connections;
+        let admin_limits = cfg.admin.limits;
         // The internal port serves peers from the start, so seeds can greet back.
         let peer_server = {
             let service = PeerService::new(
@@ -272,12 +275,17 @@ impl Node {
         });
         let admin_router = admin::router(Arc::clone(&pipeline), Arc::clone(&metrics));
         let admin_server = tokio::spawn(async move {
-            listen::serve(admin_listener, admin_router, limits, std::future::pending())
-                .await
-                .map_err(|e| NodeError::Serve {
-                    what: "admin",
-                    message: e.to_string(),
-                })
+            listen::serve(
+                admin_listener,
+                admin_router,
+                admin_limits,
+                std::future::pending(),
+            )
+            .await
+            .map_err(|e| NodeError::Serve {
+                what: "admin",
+                message: e.to_string(),
+            })
         });
         Ok(Self {
             pipeline,

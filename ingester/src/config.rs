@@ -4,11 +4,11 @@
 //! problem reported at once.
 
 use serde::{Deserialize, Serialize};
-use std::{net::SocketAddr, num::NonZeroU16, time::Duration};
+use std::{num::NonZeroU16, time::Duration};
 use tailgate_contract::{
     amqp::AmqpConfig,
     backoff::Backoff,
-    config::{DefaultPort, Problems, RawAdmin, RawShutdown, Secret, Validate},
+    config::{Admin, DefaultPort, Problems, RawAdmin, RawShutdown, Secret, Validate},
 };
 
 /// The ingester's admin port, 8889.
@@ -188,7 +188,7 @@ pub struct IngesterConfig {
     pub clickhouse: Clickhouse,
     pub max_wait: Duration,
     pub retention: Retention,
-    pub admin_listen: SocketAddr,
+    pub admin: Admin,
     pub shutdown_grace: Duration,
 }
 
@@ -223,7 +223,7 @@ impl Validate for RawIngesterConfig {
                 Duration::from_millis(1),
             ),
             retention: self.retention.check(p),
-            admin_listen: self.admin.check(p),
+            admin: self.admin.check(p),
             shutdown_grace: self.shutdown.check(p),
         }
     }

@@ -2,7 +2,10 @@
 
 use crate::{config::IngesterConfig, consume, metrics::Metrics, store::Store};
 use std::{future::Future, sync::Arc};
-use tailgate_contract::admin::{self, Health};
+use tailgate_contract::{
+    admin::{self, Health},
+    listen,
+};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
@@ -52,10 +55,10 @@ pub async fn run(
     if store.ping().await.is_ok() {
         metrics.clickhouse_up.set(1);
     }
-    let listener = TcpListener::bind(cfg.admin_listen)
+    let listener = TcpListener::bind(cfg.admin.listen)
         .await
         .map_err(|source| IngesterError::Bind {
-            addr: cfg.admin_listen,
+            addr: cfg.admin.listen,
             source,
         })?;
     info!(
@@ -65,8 +68,9 @@ pub async fn run(
         "tailgate ingester ready"
     );
     let router = admin::router(Arc::clone(&metrics) as Arc<dyn Health>);
+    let limits = cfg.admin.limits;
     let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let _ = listen::serve(listener, router, limits, std::future::pending()).await;
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let consumer = {

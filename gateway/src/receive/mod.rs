@@ -9,7 +9,6 @@
 
 pub mod grpc;
 pub mod http;
-pub mod listen;
 
 use crate::{
     pipeline::{Accepted, Refusal},
