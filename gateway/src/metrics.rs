@@ -654,6 +654,32 @@ impl std::fmt::Debug for Metrics {
 mod tests {
     use super::*;
 
+    /// The totals logged at exit add up: what came in (from clients and
+    /// peers) less what went out (to peers, published, dropped) is what the
+    /// process still holds, and every drop reason is listed, zeros too.
+    #[test]
+    fn totals_account_for_every_span() {
+        let m = Metrics::default();
+        m.receiver.received("grpc", 10);
+        m.receiver.received("http_json", 5);
+        m.cluster.delivered_spans.inc_by(4);
+        m.cluster.forwarded("10.0.0.2:4319", 3, 300);
+        m.publish.confirmed(6, 600, 0.1, 0.01);
+        m.dropped(DropReason::Policy, 7);
+        m.dropped(DropReason::ShutdownUnpublished, 1);
+        let t = m.totals();
+        assert_eq!(
+            (t.received, t.delivered, t.forwarded, t.published),
+            (15, 4, 3, 6)
+        );
+        assert_eq!(t.dropped(), 8);
+        assert_eq!(t.held(), 2);
+        assert_eq!(
+            t.dropped_by_reason(),
+            "policy=7 late_span_of_dropped_trace=0 invalid_span=0 shutdown_unpublished=1 shutdown_undelivered=0"
+        );
+    }
+
     /// The latency buckets resolve "decision wait + 100 ms" exactly, and stay ascending.
     #[test]
     fn latency_buckets_resolve_the_overshoot_past_the_wait() {
