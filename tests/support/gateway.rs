@@ -19,6 +19,8 @@ pub struct Tailgate {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Reads standard error into `logs`; ends when the process has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The gateway role.
@@ -95,7 +97,7 @@ impl Tailgate {
         let stderr = child.stderr.take().expect("stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
-        {
+        let reader = {
             let logs = Arc::clone(&logs);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -116,8 +118,8 @@ impl Tailgate {
                     }
                     logs.lock().unwrap().push(line);
                 }
-            });
-        }
+            })
+        };
         let ready = ready_rx.recv_timeout(PATIENCE);
         let Ok((grpc, http, Some(admin), peer)) = ready else {
             let _ = child.kill();
@@ -135,6 +137,7 @@ impl Tailgate {
             http,
             admin,
             logs,
+            reader: Some(reader),
         }
     }
 
@@ -252,6 +255,10 @@ impl Tailgate {
             .recv_timeout(PATIENCE)
             .unwrap_or_else(|_| panic!("tailgate did not exit after SIGTERM\n{}", self.logs()))
             .expect("wait");
+        // The last lines may still be in the pipe: read it to its end.
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
         (status, self.logs())
     }
 
