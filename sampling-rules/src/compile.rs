@@ -844,7 +844,14 @@ impl Compiler<'_> {
         };
         let entries = self.known(
             map,
-            &["remove", "hash", "mask", "salt", "salt_env"],
+            &[
+                "remove",
+                "hash",
+                "mask",
+                "salt",
+                "salt_env",
+                "case_insensitive",
+            ],
             "`redact`",
         );
         let mut salt_pos = None;
@@ -907,6 +914,10 @@ impl Compiler<'_> {
                         }
                     }
                 }
+                "case_insensitive" => match value.value {
+                    Value::Bool(b) => r.case_insensitive = b,
+                    _ => self.err(value.pos, "`case_insensitive` must be true or false", None),
+                },
                 "salt" => {
                     salt_pos = Some(pos);
                     if let Some(s) = self.string(value, "`salt`") {
@@ -926,6 +937,15 @@ impl Compiler<'_> {
                         }
                     }
                 }
+            }
+        }
+        if r.case_insensitive {
+            let lower =
+                |keys: &HashSet<String>| keys.iter().map(|k| k.to_ascii_lowercase()).collect();
+            r.remove = lower(&r.remove);
+            r.hash = lower(&r.hash);
+            for m in &mut r.mask {
+                m.key = m.key.to_ascii_lowercase();
             }
         }
         if !r.hash.is_empty() && r.salt.is_empty() && salt_pos.is_none() {

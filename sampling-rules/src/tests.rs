@@ -507,6 +507,23 @@ fn rule_sets() {
     assert_eq!(decide(&r, &staging), "drop:other");
 }
 
+/// `case_insensitive: true` matches `User.Email` as `user.email`; a value
+/// that is not a boolean is refused where it stands.
+#[test]
+fn redaction_case_insensitive() {
+    let r = rules(
+        "rules:\n  - name: all\n    action: keep\nredact:\n  case_insensitive: true\n  salt: s\n  hash: [User.Email]\n",
+    );
+    let mut attrs = vec![kv("user.EMAIL", s("anna@example.com"))];
+    r.redaction().attributes(&mut attrs);
+    assert!(
+        matches!(&attrs[0].value, Some(AnyValue { value: Some(Value::StringValue(h)) }) if h.starts_with("sha256:")),
+        "{attrs:?}"
+    );
+    let e = errors("rules:\n  - name: all\n    action: keep\nredact:\n  case_insensitive: 3\n");
+    assert_eq!((e[0].pos.line, e[0].pos.column), (5, 21), "{e:?}");
+}
+
 /// The redact section removes, hashes (salted) and masks attributes of
 /// spans, events and resources.
 #[test]
