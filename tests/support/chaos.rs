@@ -583,8 +583,13 @@ impl Stand {
         id
     }
 
-    /// Waits until the ingester has stored the sentinel, has nothing left in
-    /// its queue, and has acknowledged everything it was given.
+    /// Waits until the ingester has stored the sentinel, nothing is ready in
+    /// its queue, and ClickHouse holds at least as many distinct spans as
+    /// the gateways counted as published (exactly, from their exit
+    /// accounting; a SIGKILLed one's last scrape can only count fewer).
+    /// Counting the ingester's deliveries would not do: a batch cut off by a
+    /// broker outage is delivered again, so its consumed count stays ahead
+    /// of its acknowledgements for good.
     async fn drained(&self, sentinel: &str) {
         let table = self.table();
         let ing = self.ingester.as_ref().expect("ingester");
@@ -595,16 +600,16 @@ impl Stand {
             |n| n.trim() == "3",
         )
         .await;
+        let published: u64 = self.ended.iter().map(|a| a.published).sum();
+        let distinct = format!("SELECT uniqExact(TraceId, SpanId) FROM {table}");
         ing.poll(
-            "ingest queue empty, every delivery acknowledged",
+            "ingest queue empty, every published span stored",
             async || {
                 let ready = queue_depth(&self.names.queue).await;
-                let m = ing.metrics().await;
-                let consumed = sum_metric(&m, "tailgate_ingester_consumed_messages_total", &[]);
-                let acked = sum_metric(&m, "tailgate_ingester_acked_messages_total", &[]);
-                (ready, consumed, acked)
+                let stored = self.ch.try_query(&distinct).await.unwrap_or_default();
+                (ready, stored.trim().parse::<u64>().unwrap_or(0))
             },
-            |(ready, consumed, acked)| *ready == 0 && consumed == acked,
+            |(ready, stored)| *ready == 0 && *stored >= published,
         )
         .await;
     }
