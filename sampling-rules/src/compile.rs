@@ -7,7 +7,7 @@ use crate::{
     decision::RuleName,
     field::{Field, FieldType, SpanField},
     node::{Node, Pos, Value},
-    redact::{Mask, Redaction},
+    redact::{Mask, Redaction, ValueRule},
     rules::{Rule, Rules},
     threshold::{Probability, Threshold},
 };
@@ -851,6 +851,7 @@ impl Compiler<'_> {
                 "salt",
                 "salt_env",
                 "case_insensitive",
+                "values",
             ],
             "`redact`",
         );
@@ -911,6 +912,22 @@ impl Compiler<'_> {
                                     None,
                                 );
                             }
+                        }
+                    }
+                }
+                "values" => {
+                    for item in self.seq(value, "`values`").unwrap_or(&[]) {
+                        let name = item.as_str().unwrap_or("");
+                        match ValueRule::named(name) {
+                            Some(rule) => r.values.push(rule),
+                            None => self.err(
+                                item.pos,
+                                format!(
+                                    "unknown value rule `{}`",
+                                    item.scalar_text().unwrap_or_default()
+                                ),
+                                Some(format!("one of: {}", ValueRule::NAMES)),
+                            ),
                         }
                     }
                 }

@@ -16,6 +16,77 @@ pub struct Mask {
     pub replacement: String,
 }
 
+/// Personal data found by its look in any string attribute, whatever its key.
+#[derive(Debug)]
+pub enum ValueRule {
+    /// E-mail addresses, replaced by `***@***`.
+    Email(Regex),
+    /// Card numbers: runs of 13 to 19 digits (spaces or dashes between
+    /// them allowed) that pass the Luhn check, replaced by `****`.
+    CardNumber(Regex),
+}
+
+impl ValueRule {
+    /// The rule a `redact.values` entry names.
+    pub fn named(name: &str) -> Option<Self> {
+        // Both patterns are constants that compile.
+        match name {
+            "email" => {
+                Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+                    .ok()
+                    .map(Self::Email)
+            }
+            "card_number" => Regex::new(r"\b\d(?:[ -]?\d){12,18}\b")
+                .ok()
+                .map(Self::CardNumber),
+            _ => None,
+        }
+    }
+
+    pub const NAMES: &'static str = "email, card_number";
+
+    fn apply(&self, text: &str) -> Option<String> {
+        match self {
+            Self::Email(re) => re
+                .is_match(text)
+                .then(|| re.replace_all(text, "***@***").into_owned()),
+            Self::CardNumber(re) => {
+                let mut changed = false;
+                let out = re.replace_all(text, |m: &regex::Captures<'_>| {
+                    let run = &m[0];
+                    if luhn(run) {
+                        changed = true;
+                        "****".to_owned()
+                    } else {
+                        run.to_owned()
+                    }
+                });
+                changed.then(|| out.into_owned())
+            }
+        }
+    }
+}
+
+/// The Luhn check over the digits of `run`.
+fn luhn(run: &str) -> bool {
+    let mut sum = 0;
+    for (i, d) in run
+        .bytes()
+        .rev()
+        .filter(u8::is_ascii_digit)
+        .map(|b| u32::from(b - b'0'))
+        .enumerate()
+    {
+        sum += if i % 2 == 1 {
+            let x = d * 2;
+            if x > 9 { x - 9 } else { x }
+        } else {
+            d
+        };
+    }
+    sum % 10 == 0
+}
+
 #[derive(Debug, Default)]
 pub struct Redaction {
     pub remove: HashSet<String>,
@@ -25,6 +96,8 @@ pub struct Redaction {
     /// Keys are matched ignoring ASCII case (`User.Email` is `user.email`);
     /// the keys above are then held in lower case.
     pub case_insensitive: bool,
+    /// Applied to every string attribute no key above treats.
+    pub values: Vec<ValueRule>,
 }
 
 /// What a matching key does to its value, and to everything nested in it.
@@ -36,7 +109,10 @@ enum Treatment<'a> {
 
 impl Redaction {
     pub fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.hash.is_empty() && self.mask.is_empty()
+        self.remove.is_empty()
+            && self.hash.is_empty()
+            && self.mask.is_empty()
+            && self.values.is_empty()
     }
 
     /// Applies the redaction to every attribute list of the request:
@@ -137,7 +213,15 @@ impl Redaction {
                         *scalar = Value::StringValue(masked.into_owned());
                     }
                 }
-                None => {}
+                None => {
+                    if let Value::StringValue(text) = scalar {
+                        for rule in &self.values {
+                            if let Some(masked) = rule.apply(text) {
+                                *text = masked;
+                            }
+                        }
+                    }
+                }
             },
             None => {}
         }
@@ -239,6 +323,7 @@ mod tests {
             }],
             salt: b"pepper".to_vec(),
             case_insensitive,
+            values: Vec::new(),
         }
     }
 
@@ -301,6 +386,41 @@ mod tests {
         );
     }
 
+    /// `values` masks e-mail addresses and Luhn-valid card numbers in any
+    /// string attribute, nested ones too, whatever the key; digit runs that
+    /// fail the Luhn check (an order number) and other text stay.
+    #[test]
+    fn value_rules() {
+        let r = Redaction {
+            values: vec![
+                ValueRule::named("email").unwrap(),
+                ValueRule::named("card_number").unwrap(),
+            ],
+            ..Redaction::default()
+        };
+        let mut attrs = vec![
+            attr(
+                "note",
+                s("call anna.k@mail.example.com about 4111 1111 1111 1111"),
+            ),
+            attr("order.ref", s("4111111111111112")),
+            attr(
+                "payload",
+                list(vec![attr("card", s("5500-0000-0000-0004"))]),
+            ),
+            attr("count", Value::IntValue(4_111_111_111_111_111)),
+        ];
+        r.attributes(&mut attrs);
+        assert_eq!(get(&attrs, "note").unwrap(), "call ***@*** about ****");
+        assert_eq!(get(&attrs, "order.ref").unwrap(), "4111111111111112");
+        let Some(Value::KvlistValue(payload)) = attrs[2].value.clone().and_then(|v| v.value) else {
+            panic!("{attrs:?}");
+        };
+        assert_eq!(get(&payload.values, "card").unwrap(), "****");
+        assert_eq!(attrs[3].value, any(Value::IntValue(4_111_111_111_111_111)));
+        assert!(ValueRule::named("phone").is_none());
+    }
+
     /// With `case_insensitive`, `User.Email` is `user.email`; without it, it
     /// is another key.
     #[test]
@@ -351,6 +471,7 @@ mod tests {
             }],
             salt: b"pepper".to_vec(),
             case_insensitive: false,
+            values: Vec::new(),
         };
         let mut attrs = vec![
             kv("payment.card_number", "4111111111111111"),

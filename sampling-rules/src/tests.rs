@@ -508,7 +508,7 @@ fn rule_sets() {
 }
 
 /// `case_insensitive: true` matches `User.Email` as `user.email`; a value
-/// that is not a boolean is refused where it stands.
+/// that is not a boolean, or an unknown value rule, is refused where it stands.
 #[test]
 fn redaction_case_insensitive() {
     let r = rules(
@@ -522,6 +522,9 @@ fn redaction_case_insensitive() {
     );
     let e = errors("rules:\n  - name: all\n    action: keep\nredact:\n  case_insensitive: 3\n");
     assert_eq!((e[0].pos.line, e[0].pos.column), (5, 21), "{e:?}");
+    let e = errors("rules:\n  - name: all\n    action: keep\nredact:\n  values: [email, phone]\n");
+    assert_eq!((e[0].pos.line, e[0].pos.column), (5, 19), "{e:?}");
+    assert!(e[0].message.contains("unknown value rule `phone`"), "{e:?}");
 }
 
 /// The redact section removes, hashes (salted) and masks attributes of
