@@ -728,7 +728,11 @@ impl Compiler<'_> {
         let map = self.map(node, "`sample`")?;
         let entries = self.known(map, &["rate", "by"], "`sample`");
         let by = match entries.iter().find(|(k, _, _)| *k == "by") {
-            Some((_, field, _)) => Some(self.sample_key(field)?),
+            Some((_, field, _)) => Some(self.key_field(
+                field,
+                "a sampling key",
+                "one span field, e.g. `by: attributes.order.id`",
+            )?),
             None => None,
         };
         let Some((_, rate, _)) = entries.iter().find(|(k, _, _)| *k == "rate") else {
@@ -759,22 +763,20 @@ impl Compiler<'_> {
         }
     }
 
-    /// The field of `sample: {by: …}`: one span field, read from the root
-    /// span first, then from any span.
-    fn sample_key(&mut self, node: &Node) -> Option<SpanField> {
+    /// A sampling key's field: a span field, read from the root span first
+    /// (a `root.` prefix is allowed); anything else is reported as `what`
+    /// (`a key`, `a sampling key`) with `hint`.
+    fn key_field(&mut self, node: &Node, what: &str, hint: &str) -> Option<SpanField> {
         let name = node.as_str().unwrap_or("");
         let field = SpanField::parse(name.strip_prefix("root.").unwrap_or(name));
         if field.is_none() {
             self.err(
                 node.pos,
                 format!(
-                    "`{}` cannot be a sampling key",
+                    "`{}` cannot be {what}",
                     node.scalar_text().unwrap_or_default()
                 ),
-                Some(format!(
-                    "one span field, e.g. `by: attributes.order.id`: {}",
-                    crate::field::SPAN_FIELDS
-                )),
+                Some(format!("{hint}: {}", crate::field::SPAN_FIELDS)),
             );
         }
         field
@@ -803,21 +805,11 @@ impl Compiler<'_> {
         let mut key = Vec::new();
         if let Some(k) = get("key") {
             for item in self.seq(k, "`key`").unwrap_or(&[]) {
-                let name = item.as_str().unwrap_or("");
-                match SpanField::parse(name.strip_prefix("root.").unwrap_or(name)) {
-                    Some(f) => key.push(f),
-                    None => self.err(
-                        item.pos,
-                        format!(
-                            "`{}` cannot be a key",
-                            item.scalar_text().unwrap_or_default()
-                        ),
-                        Some(format!(
-                            "a key is made of span fields, read from the root span: {}",
-                            crate::field::SPAN_FIELDS
-                        )),
-                    ),
-                }
+                key.extend(self.key_field(
+                    item,
+                    "a key",
+                    "a key is made of span fields, read from the root span",
+                ));
             }
         }
         let max_keys = match get("max_keys") {
