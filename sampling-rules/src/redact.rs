@@ -251,11 +251,11 @@ fn text(value: &Value) -> String {
         Value::DoubleValue(d) => d.to_string(),
         Value::BoolValue(b) => b.to_string(),
         Value::BytesValue(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
-        // Lists and arrays are walked, never turned into text.
-        Value::ArrayValue(_) | Value::KvlistValue(_) => String::new(),
-        // Only profiles use string-table indexes; a trace has no table.
-        #[allow(unreachable_patterns)]
-        _ => String::new(),
+        // Lists and arrays are walked, never turned into text; only
+        // profiles use string-table indexes, and a trace has no table.
+        Value::ArrayValue(_) | Value::KvlistValue(_) | Value::StringValueStrindex(_) => {
+            String::new()
+        }
     }
 }
 

@@ -361,8 +361,8 @@ struct Stand {
 impl Stand {
     async fn start(plan: Plan) -> Self {
         let exchange = unique("chaos");
-        let upstream: SocketAddr = "127.0.0.1:5672".parse().expect("broker address");
-        let proxy = Proxy::start(broker_addr().unwrap_or(upstream), true).await;
+        let upstream = broker_addr().expect("the broker's host:port in the AMQP URL");
+        let proxy = Proxy::start(upstream, true).await;
         let ch = ClickHouse::start();
         let names = Ingest::new(&exchange);
         let rules_path = std::env::temp_dir().join(format!("{}.rules.yaml", unique("chaos")));

@@ -11,7 +11,8 @@
 //! Parsing a large file allocates many times its size; mimalloc keeps a
 //! thread's freed pages until that thread allocates again, so on a runtime
 //! worker they stayed in RSS long after the rules were replaced. A thread
-//! that exits hands its pages back at once.
+//! that exits hands most of them back at once (docs/reliability.md has the
+//! figures, and what stays).
 
 use super::Decider;
 use crate::{config::Config, metrics::Metrics};
