@@ -64,6 +64,28 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Look up a journey (e.g. an order) by its key, or list the stuck ones,
+    /// from an ingester that runs the stuck-journey finder.
+    Journey {
+        /// The journey's name in the rules file, e.g. `order`.
+        journey: String,
+        /// The journey's key, e.g. an order ID.
+        #[arg(required_unless_present = "stuck", conflicts_with = "stuck")]
+        key: Option<String>,
+        /// List the stuck journeys instead, oldest first.
+        #[arg(long)]
+        stuck: bool,
+        /// The ingester's admin address.
+        #[arg(
+            long,
+            env = "TAILGATE_JOURNEYS_URL",
+            default_value = "http://127.0.0.1:8889"
+        )]
+        url: String,
+        /// Print the JSON the ingester answered, not text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,6 +200,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Journey {
+            journey,
+            key,
+            stuck,
+            url,
+            json,
+        } => {
+            print!(
+                "{}",
+                journey_lookup(&url, &journey, key.as_deref(), stuck, json).await?
+            );
+            Ok(())
+        }
         Command::Rules { command } => match command {
             RulesCommand::Check { file } => {
                 println!("{}", tools::check(&file)?);
@@ -189,4 +224,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     }
+}
+
+/// `tailgate journey`: asks the ingester's admin port and prints the answer.
+async fn journey_lookup(
+    url: &str,
+    journey: &str,
+    key: Option<&str>,
+    stuck: bool,
+    json: bool,
+) -> anyhow::Result<String> {
+    use tailgate_ingester::journeys::{Stuck, Timeline, render_stuck, render_timeline};
+    let base = url.trim_end_matches('/');
+    let mut target = reqwest::Url::parse(base).with_context(|| format!("--url {url:?}"))?;
+    match (stuck, key) {
+        (true, _) => {
+            target.set_path("/journeys/stuck");
+            target.query_pairs_mut().append_pair("journey", journey);
+        }
+        (false, Some(key)) => {
+            target
+                .path_segments_mut()
+                .map_err(|()| anyhow::anyhow!("--url {url:?} cannot have a path"))?
+                .extend(["journeys", journey, key]);
+        }
+        (false, None) => anyhow::bail!("give a key, or --stuck"),
+    }
+    let response = reqwest::get(target.clone())
+        .await
+        .with_context(|| format!("cannot reach the ingester at {base}"))?;
+    let status = response.status();
+    let body = response.text().await.context("reading the answer")?;
+    if !status.is_success() {
+        anyhow::bail!("{target}: {status}: {}", body.trim());
+    }
+    if json {
+        return Ok(format!("{body}\n"));
+    }
+    Ok(if stuck {
+        render_stuck(&serde_json::from_str::<Vec<Stuck>>(&body).context("the ingester's answer")?)
+    } else {
+        render_timeline(&serde_json::from_str::<Timeline>(&body).context("the ingester's answer")?)
+    })
 }

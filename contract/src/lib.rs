@@ -3,6 +3,7 @@
 //! - [`message`]: a kept trace as a RabbitMQ message: the routing key, the
 //!   headers, the content type; written by the gateway, read by the
 //!   ingester and the tests.
+//! - [`journey`]: journey events as RabbitMQ messages, likewise.
 //! - [`compression`]: how its body is packed, named by `content_encoding`.
 //! - [`amqp`]: the broker connection settings and the exchange declaration
 //!   both sides make, identically, so either may start first.
@@ -17,5 +18,6 @@ pub mod amqp;
 pub mod backoff;
 pub mod compression;
 pub mod config;
+pub mod journey;
 pub mod listen;
 pub mod message;

@@ -34,6 +34,7 @@ pub struct RawConfig {
     pub rules: RawRules,
     pub policy: RawPolicy,
     pub decision_cache: RawDecisionCache,
+    pub journeys: RawJourneys,
     pub rabbitmq: RawRabbitmq,
     pub cluster: RawCluster,
     pub admin: RawAdmin<AdminPort>,
@@ -200,6 +201,25 @@ impl Default for RawDecisionCache {
     }
 }
 
+/// How journey events (the `journeys` of the rules file) are batched.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawJourneys {
+    /// A journey's batch is published when it holds this many events...
+    pub max_batch_events: usize,
+    /// ...or when its oldest event has waited this long.
+    pub flush_interval_secs: f64,
+}
+
+impl Default for RawJourneys {
+    fn default() -> Self {
+        Self {
+            max_batch_events: 1000,
+            flush_interval_secs: 1.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRabbitmq {
@@ -245,6 +265,7 @@ pub struct Config {
     pub rules: RulesFile,
     pub policy: Policy,
     pub decision_cache: DecisionCache,
+    pub journeys: Journeys,
     pub rabbitmq: Rabbitmq,
     pub cluster: Cluster,
     pub admin: Admin,
@@ -322,6 +343,7 @@ impl Validate for RawConfig {
             rules: self.rules.check(p),
             policy: self.policy.check(p),
             decision_cache: self.decision_cache.check(p),
+            journeys: self.journeys.check(p),
             rabbitmq: self.rabbitmq.check(p),
             cluster: self.cluster.check(p),
             admin: self.admin.check(p),
@@ -452,6 +474,27 @@ impl Validate for RawDecisionCache {
         DecisionCache {
             ttl: Duration::from_secs(self.ttl_secs),
             max_entries: p.nonzero("decision_cache.max_entries", self.max_entries),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Journeys {
+    pub max_batch_events: NonZeroUsize,
+    pub flush_interval: Duration,
+}
+
+impl Validate for RawJourneys {
+    type Valid = Journeys;
+
+    fn check(&self, p: &mut Problems) -> Journeys {
+        Journeys {
+            max_batch_events: p.nonzero("journeys.max_batch_events", self.max_batch_events),
+            flush_interval: p.secs_at_least(
+                "journeys.flush_interval_secs",
+                self.flush_interval_secs,
+                Duration::from_millis(10),
+            ),
         }
     }
 }

@@ -292,6 +292,105 @@ impl RulesMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JourneyLabel {
+    journey: String,
+}
+
+/// Journey events: recorded from spans before sampling, published, or lost
+/// at shutdown. Recorded = published + dropped + what the node still holds.
+#[derive(Debug, Default)]
+pub struct JourneyMetrics {
+    recorded: Family<JourneyLabel, Counter>,
+    published: Family<JourneyLabel, Counter>,
+    dropped: Family<Reason, Counter>,
+    decoded_spans: Counter,
+    /// Totals over every journey, for the exit accounting.
+    recorded_total: Counter,
+    published_total: Counter,
+    pending: Gauge,
+}
+
+impl JourneyMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tailgate_journey_events_recorded",
+            "Journey events recorded from spans that carry a journey's key, before sampling",
+            self.recorded.clone(),
+        );
+        r.register(
+            "tailgate_journey_events_published",
+            "Journey events confirmed by the broker",
+            self.published.clone(),
+        );
+        r.register(
+            "tailgate_journey_events_dropped",
+            "Journey events not published, by reason",
+            self.dropped.clone(),
+        );
+        r.register(
+            "tailgate_journey_spans_decoded",
+            "Spans decoded because their bytes hold a journey key's name (the rest are never decoded for journeys)",
+            self.decoded_spans.clone(),
+        );
+        r.register(
+            "tailgate_journey_events_pending",
+            "Journey events recorded and not yet confirmed by the broker (batching, or in the outbox)",
+            self.pending.clone(),
+        );
+    }
+
+    pub fn decoded(&self, spans: u64) {
+        self.decoded_spans.inc_by(spans);
+    }
+
+    pub fn recorded(&self, journey: &str, events: u64) {
+        self.recorded
+            .get_or_create(&JourneyLabel {
+                journey: journey.to_owned(),
+            })
+            .inc_by(events);
+        self.recorded_total.inc_by(events);
+    }
+
+    pub fn published(&self, journey: &str, events: u64) {
+        self.published
+            .get_or_create(&JourneyLabel {
+                journey: journey.to_owned(),
+            })
+            .inc_by(events);
+        self.published_total.inc_by(events);
+    }
+
+    /// Events still in the outbox when the shutdown grace period ended.
+    pub fn dropped_at_shutdown(&self, events: u64) {
+        self.dropped
+            .get_or_create(&Reason {
+                reason: DropReason::ShutdownUnpublished.label(),
+            })
+            .inc_by(events);
+    }
+
+    pub fn set_pending(&self, events: usize) {
+        self.pending.set(gauge_value(events));
+    }
+
+    /// `(recorded, published, dropped)` over this process's life.
+    pub fn totals(&self) -> (u64, u64, u64) {
+        let dropped = self
+            .dropped
+            .get_or_create(&Reason {
+                reason: DropReason::ShutdownUnpublished.label(),
+            })
+            .get();
+        (
+            self.recorded_total.get(),
+            self.published_total.get(),
+            dropped,
+        )
+    }
+}
+
 /// Between nodes: forwarding, handoff, membership.
 #[derive(Debug, Default)]
 pub struct ClusterMetrics {
@@ -527,6 +626,7 @@ pub struct Metrics {
     pub rules: RulesMetrics,
     pub cluster: ClusterMetrics,
     pub publish: PublishMetrics,
+    pub journeys: JourneyMetrics,
 }
 
 impl Default for Metrics {
@@ -552,6 +652,7 @@ impl Metrics {
             rules: RulesMetrics::default(),
             cluster: ClusterMetrics::default(),
             publish: PublishMetrics::new(&buckets),
+            journeys: JourneyMetrics::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -565,6 +666,7 @@ impl Metrics {
         m.rules.register(r);
         m.cluster.register(r);
         m.publish.register(r);
+        m.journeys.register(r);
         m
     }
 

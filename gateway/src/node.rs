@@ -343,6 +343,15 @@ impl Node {
             spans_held = totals.held(),
             "span accounting of this process"
         );
+        let (recorded, published, dropped) = metrics.journeys.totals();
+        if recorded > 0 {
+            info!(
+                journey_events_recorded = recorded,
+                journey_events_published = published,
+                journey_events_dropped = dropped,
+                "journey event accounting of this process"
+            );
+        }
         if let Some(failure) = failure {
             return Err(failure);
         }
@@ -467,6 +476,9 @@ impl Receiving {
         } else {
             let spans = outbox.spans();
             self.metrics.dropped(DropReason::ShutdownUnpublished, spans);
+            self.metrics
+                .journeys
+                .dropped_at_shutdown(outbox.journey_events() as u64);
             error!(
                 messages = outbox.messages(),
                 spans,

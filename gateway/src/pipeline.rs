@@ -18,7 +18,7 @@ use crate::{
         verdict,
     },
     config::Config,
-    decide::{Decider, cache::DecisionCache},
+    decide::{Decider, cache::DecisionCache, journeys::Recorder},
     metrics::{DropReason, Metrics},
     publish::Outbox,
     route::{self, Routed},
@@ -101,6 +101,13 @@ impl Pipeline {
                 Arc::clone(&metrics),
                 Arc::clone(&outbox),
                 cfg.rabbitmq.compression,
+                Recorder::new(
+                    Arc::clone(&outbox),
+                    Arc::clone(&metrics),
+                    cfg.rabbitmq.compression,
+                    cfg.journeys.max_batch_events.get(),
+                    cfg.journeys.flush_interval,
+                ),
             ),
             outbox,
             metrics,
@@ -354,6 +361,7 @@ impl Pipeline {
             self.decide(ticket, trigger, now);
         }
         self.buffer.hold_due(due.collect(), now);
+        self.decider.journeys().flush(now, false);
         self.decider.cache().expire(now);
         self.update_gauges();
     }
@@ -370,6 +378,7 @@ impl Pipeline {
         for ticket in self.buffer.all() {
             self.decide(ticket, Trigger::Shutdown, now);
         }
+        self.decider.journeys().flush(now, true);
         self.update_gauges();
     }
 
@@ -394,6 +403,8 @@ impl Pipeline {
         m.publish
             .set_outbox(self.outbox.messages(), self.outbox.bytes());
         m.decision.set_cache_entries(self.decider.cache().len());
+        m.journeys
+            .set_pending(self.decider.journeys().pending() + self.outbox.journey_events());
         m.cluster
             .set_forward_queue_bytes(self.cluster.forwarder.bytes());
     }
@@ -535,6 +546,118 @@ mod tests {
         );
         assert!(
             text.contains("tailgate_spans_dropped_total{reason=\"late_span_of_dropped_trace\"} 1"),
+            "{text}"
+        );
+    }
+
+    /// Journeys are recorded from every span that carries a key, before
+    /// sampling: a kept error trace and a dropped trace of one order both
+    /// give events, marked kept or not with the deciding rule. Spans without
+    /// the key's name in their bytes are never decoded for it; one that
+    /// holds the name only in a value is decoded and gives no event. Events
+    /// wait for the flush interval, then leave as one message.
+    #[tokio::test(start_paused = true)]
+    async fn journey_events_from_every_span_before_sampling() {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+        use prost::Message;
+        use tailgate_contract::journey::JourneyEvents;
+        let (p, outbox, metrics, _) = pipeline_configured(1 << 20, 1 << 20, |raw| {
+            raw.rabbitmq.compression = crate::config::Compression::None;
+        });
+        p.decider().set_rules(Arc::new(
+            Rules::from_yaml(
+                "rules:
+  - name: errors
+    when: { trace.has_error: true }
+    action: keep
+  - name: rest
+    action: drop
+journeys:
+  - name: order
+    key: attributes.order.id
+    status: attributes.order.status
+",
+                "rules.yaml",
+            )
+            .unwrap(),
+        ));
+        let attr = |k: &str, v: &str| KeyValue {
+            key: k.into(),
+            value: Some(AnyValue {
+                value: Some(Value::StringValue(v.into())),
+            }),
+            ..Default::default()
+        };
+        let with = |mut s: opentelemetry_proto::tonic::trace::v1::Span, attrs: Vec<KeyValue>| {
+            s.attributes = attrs;
+            s
+        };
+        let kept = vec![
+            with(
+                error_span(1),
+                vec![attr("order.id", "A-1"), attr("order.status", "NEW")],
+            ),
+            span(1, 2, Some(1)),
+        ];
+        let dropped = vec![
+            with(
+                span(2, 1, None),
+                vec![
+                    attr("order.id", "A-1"),
+                    attr("order.status", "PRICE_CALCULATED"),
+                ],
+            ),
+            span(2, 2, Some(1)),
+            with(span(2, 3, Some(1)), vec![attr("note", "see order.id")]),
+        ];
+        p.ingest(
+            split_request(&request(vec![("shop-api", kept), ("crm-api", dropped)])),
+            "test",
+        )
+        .unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        p.sweep();
+        assert_eq!(outbox.messages(), 1, "the kept trace; the events wait");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        p.sweep();
+        assert_eq!(outbox.messages(), 2);
+        assert_eq!(outbox.journey_events(), 2);
+        let messages = outbox.take(10).await;
+        let journey = messages
+            .iter()
+            .find(|m| m.journey_event_count() > 0)
+            .expect("a journey message");
+        assert_eq!(journey.routing_key, "journeys.order");
+        let mut events = JourneyEvents::decode(&journey.body[..]).unwrap().events;
+        events.sort_by_key(|e| e.kept);
+        let summary: Vec<(&str, &str, &str, bool, &str, bool)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.key.as_str(),
+                    e.status.as_str(),
+                    e.service.as_str(),
+                    e.kept,
+                    e.rule.as_str(),
+                    e.error,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("A-1", "PRICE_CALCULATED", "crm-api", false, "rest", false),
+                ("A-1", "NEW", "shop-api", true, "errors", true),
+            ]
+        );
+        assert_eq!(events[0].trace_id, vec![2; 16]);
+        let text = metrics.encode();
+        assert!(
+            text.contains("tailgate_journey_spans_decoded_total 3"),
+            "two spans with the key and one with its name in a value: {text}"
+        );
+        assert!(
+            text.contains("tailgate_journey_events_recorded_total{journey=\"order\"} 2"),
             "{text}"
         );
     }

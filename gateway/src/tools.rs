@@ -61,6 +61,10 @@ pub fn check(path: &Path) -> Result<String, ToolError> {
         rules.len(),
         rules.hash_hex()
     );
+    for journey in rules.journeys() {
+        out.push('\n');
+        out.push_str(&journey.describe());
+    }
     for note in notes {
         out.push('\n');
         out.push_str(&note);

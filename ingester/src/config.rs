@@ -26,8 +26,73 @@ pub struct RawIngesterConfig {
     pub clickhouse: RawClickhouse,
     pub batch: RawBatch,
     pub retention: RawRetention,
+    pub journeys: RawJourneys,
     pub admin: RawAdmin<AdminPort>,
     pub shutdown: RawShutdown,
+}
+
+/// Journey events and the stuck-journey finder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawJourneys {
+    /// The rules file whose `journeys` the finder follows (the gateways'
+    /// file); empty: events are stored, but nothing looks for stuck ones.
+    pub rules_file: String,
+    /// How often the finder reads new events and re-reads the rules file.
+    pub interval_secs: f64,
+    /// Days journey events are kept.
+    pub events_ttl_days: u16,
+    /// Days a journey's latest state is kept after it was last seen.
+    pub state_ttl_days: u16,
+    /// A link to open a kept trace, `{trace_id}` replaced by its hex ID, e.g.
+    /// `http://jaeger:16686/trace/{trace_id}`; empty: no link.
+    pub trace_link: String,
+}
+
+impl Default for RawJourneys {
+    fn default() -> Self {
+        Self {
+            rules_file: String::new(),
+            interval_secs: 30.0,
+            events_ttl_days: 30,
+            state_ttl_days: 90,
+            trace_link: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Journeys {
+    pub rules_file: Option<std::path::PathBuf>,
+    pub interval: Duration,
+    pub events_ttl_days: NonZeroU16,
+    pub state_ttl_days: NonZeroU16,
+    pub trace_link: Option<String>,
+}
+
+impl Validate for RawJourneys {
+    type Valid = Journeys;
+
+    fn check(&self, p: &mut Problems) -> Journeys {
+        let j = Journeys {
+            rules_file: (!self.rules_file.is_empty()).then(|| self.rules_file.clone().into()),
+            interval: p.secs_at_least(
+                "journeys.interval_secs",
+                self.interval_secs,
+                Duration::from_millis(100),
+            ),
+            events_ttl_days: days(p, "journeys.events_ttl_days", self.events_ttl_days),
+            state_ttl_days: days(p, "journeys.state_ttl_days", self.state_ttl_days),
+            trace_link: (!self.trace_link.is_empty()).then(|| self.trace_link.clone()),
+        };
+        if j.state_ttl_days < j.events_ttl_days {
+            p.add(
+                "journeys.state_ttl_days",
+                "must be at least journeys.events_ttl_days: a journey's state outlives its events",
+            );
+        }
+        j
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +104,8 @@ pub struct RawRabbitmq {
     /// Durable quorum queue the ingester consumes.
     pub queue: String,
     pub binding_key: String,
+    /// Binds the queue to journey events too; empty: not bound.
+    pub journeys_binding_key: String,
     /// Undecodable messages (and ones past the delivery limit) go here.
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
@@ -56,6 +123,7 @@ impl Default for RawRabbitmq {
             exchange: "tailgate.traces".into(),
             queue: "tailgate.ingest".into(),
             binding_key: tailgate_contract::message::ALL_TRACES.into(),
+            journeys_binding_key: tailgate_contract::journey::ALL_JOURNEYS.into(),
             dead_letter_exchange: "tailgate.ingest.dlx".into(),
             dead_letter_queue: "tailgate.ingest.dlq".into(),
             prefetch: 256,
@@ -161,6 +229,7 @@ pub struct Rabbitmq {
     pub exchange: String,
     pub queue: String,
     pub binding_key: String,
+    pub journeys_binding_key: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub prefetch: NonZeroU16,
@@ -188,6 +257,7 @@ pub struct IngesterConfig {
     pub clickhouse: Clickhouse,
     pub max_wait: Duration,
     pub retention: Retention,
+    pub journeys: Journeys,
     pub admin: Admin,
     pub shutdown_grace: Duration,
 }
@@ -223,6 +293,7 @@ impl Validate for RawIngesterConfig {
                 Duration::from_millis(1),
             ),
             retention: self.retention.check(p),
+            journeys: self.journeys.check(p),
             admin: self.admin.check(p),
             shutdown_grace: self.shutdown.check(p),
         }
@@ -244,6 +315,7 @@ impl Validate for RawRabbitmq {
             exchange: self.exchange.clone(),
             queue: self.queue.clone(),
             binding_key: self.binding_key.clone(),
+            journeys_binding_key: self.journeys_binding_key.clone(),
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             dead_letter_queue: self.dead_letter_queue.clone(),
             prefetch,

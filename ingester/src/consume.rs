@@ -10,7 +10,7 @@
 use crate::{
     config::IngesterConfig,
     metrics::Metrics,
-    rows::{SpanRow, rows},
+    rows::{event_rows, rows},
     store::{Pending, Store},
 };
 use futures_util::StreamExt;
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tailgate_contract::{
     amqp::{confirmed_channel, declare_exchange},
     compression::message_body,
+    journey::is_journey_events,
     message::{Sampling, header},
 };
 use tokio::sync::watch;
@@ -118,6 +119,17 @@ async fn connect(cfg: &IngesterConfig) -> Result<Intake, IntakeError> {
             FieldTable::default(),
         )
         .await?;
+    if !r.journeys_binding_key.is_empty() {
+        channel
+            .queue_bind(
+                r.queue.as_str().into(),
+                r.exchange.as_str().into(),
+                r.journeys_binding_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     let consumer = channel
         .basic_consume(
             r.queue.as_str().into(),
@@ -148,15 +160,20 @@ fn message_id(d: &Delivery) -> String {
 /// The span rows of one message, and its OTLP bytes: its body decompressed
 /// as its `content_encoding` says, then decoded. The error is the reason it
 /// is dead-lettered.
-fn message_rows(
-    d: &Delivery,
-    id: &str,
-    cfg: &IngesterConfig,
-) -> Result<(Vec<SpanRow>, usize), String> {
+fn message_rows(d: &Delivery, id: &str, cfg: &IngesterConfig) -> Result<(Pending, usize), String> {
     let body = message_body(&d.properties, &d.data).map_err(|e| e.to_string())?;
-    let rows =
-        rows(&body, id, &Sampling::of(&d.properties), &cfg.retention).map_err(|e| e.to_string())?;
-    Ok((rows, body.len()))
+    let mut pending = Pending {
+        message_id: id.to_owned(),
+        rows: Vec::new(),
+        events: Vec::new(),
+    };
+    if is_journey_events(&d.properties) {
+        pending.events = event_rows(&body, id).map_err(|e| e.to_string())?;
+    } else {
+        pending.rows = rows(&body, id, &Sampling::of(&d.properties), &cfg.retention)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok((pending, body.len()))
 }
 
 /// Copies an undecodable message to the dead-letter exchange with the reason
@@ -268,10 +285,7 @@ async fn consume(
             match message_rows(d, &id, cfg) {
                 Ok((rows, otlp_bytes)) => {
                     bytes += otlp_bytes as u64;
-                    pending.push(Pending {
-                        message_id: id,
-                        rows,
-                    });
+                    pending.push(rows);
                 }
                 Err(e) => {
                     error!(message_id = %id, routing_key = %d.routing_key, error = %e, "dead-lettering an undecodable message");
@@ -318,6 +332,7 @@ async fn store_batch(
                     .insert_duration
                     .observe(started.elapsed().as_secs_f64());
                 metrics.inserted_rows.inc_by(stored.rows as u64);
+                metrics.inserted_events.inc_by(stored.events as u64);
                 metrics.inserted_bytes.inc_by(bytes);
                 metrics.duplicate_messages.inc_by(stored.duplicates as u64);
                 #[allow(clippy::cast_precision_loss)]

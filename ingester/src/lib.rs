@@ -4,12 +4,15 @@
 //!
 //! A message's path: [`consume`] (queue topology, batches, acks, the body
 //! as the gateway packed it) → [`rows`] (OTLP into span rows) → [`store`]
-//! (idempotent inserts). [`schema`] is `migrate`; [`config`] and [`node`]
-//! set it all up. The message contract itself is `tailgate_contract`'s.
+//! (idempotent inserts). Journey events take the same path into their own
+//! tables, and [`journeys`] watches them for stuck journeys and answers
+//! look-ups. [`schema`] is `migrate`; [`config`] and [`node`] set it all
+//! up. The message contract itself is `tailgate_contract`'s.
 
 // Public: what the `tailgate` binary, the tests and the benchmarks use.
 pub mod config;
 pub(crate) mod consume;
+pub mod journeys;
 pub(crate) mod metrics;
 pub mod node;
 pub mod rows;

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub duplicate_messages: Counter,
     dead_lettered: Family<Reason, Counter>,
     pub inserted_rows: Counter,
+    pub inserted_events: Counter,
     pub inserted_bytes: Counter,
     pub insert_failures: Counter,
     pub insert_retries: Counter,
@@ -26,6 +27,30 @@ pub struct Metrics {
     pub batch_messages: Histogram,
     pub broker_connected: Gauge,
     pub clickhouse_up: Gauge,
+    pub journeys: JourneyMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JourneyStatus {
+    pub journey: String,
+    pub status: String,
+}
+
+/// What the stuck-journey finder sees at its last look.
+#[derive(Debug, Default)]
+pub struct JourneyMetrics {
+    /// Open journeys past their status's limit.
+    pub stuck: Family<JourneyStatus, Gauge>,
+    /// How long the oldest stuck journey has been in its status.
+    pub oldest_stuck_seconds: Family<JourneyStatus, Gauge>,
+    /// Open (not terminal) journeys by their latest status.
+    pub open: Family<JourneyStatus, Gauge>,
+    pub checks: Counter,
+    pub check_failures: Counter,
+    pub last_check_seconds: Gauge,
+    pub rules_reload_failures: Counter,
+    /// Journeys the finder holds in memory (open, and recently finished).
+    pub tracked: Gauge,
 }
 
 impl Default for Metrics {
@@ -50,6 +75,7 @@ impl Metrics {
             duplicate_messages: Counter::default(),
             dead_lettered: Family::default(),
             inserted_rows: Counter::default(),
+            inserted_events: Counter::default(),
             inserted_bytes: Counter::default(),
             insert_failures: Counter::default(),
             insert_retries: Counter::default(),
@@ -58,6 +84,7 @@ impl Metrics {
             batch_messages: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             broker_connected: Gauge::default(),
             clickhouse_up: Gauge::default(),
+            journeys: JourneyMetrics::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -80,6 +107,11 @@ impl Metrics {
             "tailgate_ingester_inserted_rows",
             "Span rows ClickHouse confirmed",
             m.inserted_rows.clone(),
+        );
+        r.register(
+            "tailgate_ingester_inserted_journey_events",
+            "Journey event rows ClickHouse confirmed",
+            m.inserted_events.clone(),
         );
         r.register(
             "tailgate_ingester_inserted_bytes",
@@ -120,6 +152,47 @@ impl Metrics {
             "tailgate_ingester_clickhouse_up",
             "1 when the last ClickHouse call succeeded",
             m.clickhouse_up.clone(),
+        );
+        let j = &m.journeys;
+        r.register(
+            "tailgate_journeys_stuck",
+            "Open journeys whose latest status has lasted longer than its max_time_in_status",
+            j.stuck.clone(),
+        );
+        r.register(
+            "tailgate_journeys_oldest_stuck_seconds",
+            "Time the oldest stuck journey has spent in its status",
+            j.oldest_stuck_seconds.clone(),
+        );
+        r.register(
+            "tailgate_journeys_open",
+            "Open (not terminal) journeys by latest status",
+            j.open.clone(),
+        );
+        r.register(
+            "tailgate_journeys_checks",
+            "Looks at new journey events by the stuck-journey finder",
+            j.checks.clone(),
+        );
+        r.register(
+            "tailgate_journeys_check_failures",
+            "Looks that failed (ClickHouse unreachable or refusing); the gauges keep their last values",
+            j.check_failures.clone(),
+        );
+        r.register(
+            "tailgate_journeys_last_check_timestamp_seconds",
+            "Unix time of the last successful look",
+            j.last_check_seconds.clone(),
+        );
+        r.register(
+            "tailgate_journeys_rules_reload_failures",
+            "Changed rules files the finder refused as invalid (the previous journeys stay in force)",
+            j.rules_reload_failures.clone(),
+        );
+        r.register(
+            "tailgate_journeys_tracked",
+            "Journeys the finder holds in memory: open ones, and finished ones for an hour",
+            j.tracked.clone(),
         );
         m
     }

@@ -1,6 +1,12 @@
 //! One ingester process: migrate, serve metrics and health, consume until SIGTERM.
 
-use crate::{config::IngesterConfig, consume, metrics::Metrics, store::Store};
+use crate::{
+    config::IngesterConfig,
+    consume,
+    journeys::{self, Finder},
+    metrics::Metrics,
+    store::Store,
+};
 use std::{future::Future, sync::Arc};
 use tailgate_contract::{
     admin::{self, Health},
@@ -67,12 +73,18 @@ pub async fn run(
         table = %store.tables().spans,
         "tailgate ingester ready"
     );
-    let router = admin::router(Arc::clone(&metrics) as Arc<dyn Health>);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut router = admin::router(Arc::clone(&metrics) as Arc<dyn Health>);
+    let mut finder_task = None;
+    if cfg.journeys.rules_file.is_some() {
+        let finder = Arc::new(Finder::new(&cfg, store.clone(), Arc::clone(&metrics)));
+        router = router.merge(journeys::router(Arc::clone(&finder)));
+        finder_task = Some(tokio::spawn(finder.run(stop_rx.clone())));
+    }
     let limits = cfg.admin.limits;
     let admin_task = tokio::spawn(async move {
         let _ = listen::serve(listener, router, limits, std::future::pending()).await;
     });
-    let (stop_tx, stop_rx) = watch::channel(false);
     let consumer = {
         let metrics = Arc::clone(&metrics);
         async move { consume::run(&cfg, &store, &metrics, stop_rx).await }
@@ -85,6 +97,9 @@ pub async fn run(
             let _ = stop_tx.send(true);
             consumer.await;
         }
+    }
+    if let Some(task) = finder_task {
+        task.abort();
     }
     admin_task.abort();
     info!("ingester stopped");

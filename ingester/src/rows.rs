@@ -399,3 +399,55 @@ mod tests {
         }
     }
 }
+
+/// One journey event, as the events table holds it. `Ingested` is not
+/// written: ClickHouse sets it at insert (`DEFAULT now64(3)`), so that the
+/// stuck-journey finder can read what arrived since its last look, even
+/// from rows that waited in a retried batch.
+#[derive(Debug, Clone, PartialEq, Serialize, clickhouse::Row)]
+#[serde(rename_all = "PascalCase")]
+pub struct EventRow {
+    pub journey: String,
+    pub key: String,
+    pub status: String,
+    /// The span's start, nanoseconds since the epoch.
+    pub time: i64,
+    pub service: String,
+    pub span_name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub error: u8,
+    pub kept: u8,
+    pub rule: String,
+    pub captured: Vec<(String, String)>,
+    pub message_id: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("not a JourneyEvents batch: {0}")]
+pub struct UndecodableEvents(pub String);
+
+/// The rows of one journey events message.
+pub fn event_rows(body: &[u8], message_id: &str) -> Result<Vec<EventRow>, UndecodableEvents> {
+    let batch = tailgate_contract::journey::JourneyEvents::decode(body)
+        .map_err(|e| UndecodableEvents(e.to_string()))?;
+    Ok(batch
+        .events
+        .into_iter()
+        .map(|e| EventRow {
+            journey: e.journey,
+            key: e.key,
+            status: e.status,
+            time: nanos(e.time_unix_nano),
+            service: e.service,
+            span_name: e.span_name,
+            trace_id: hex(&e.trace_id),
+            span_id: hex(&e.span_id),
+            error: u8::from(e.error),
+            kept: u8::from(e.kept),
+            rule: e.rule,
+            captured: e.captured.into_iter().map(|c| (c.field, c.value)).collect(),
+            message_id: message_id.to_owned(),
+        })
+        .collect())
+}

@@ -26,6 +26,12 @@ pub struct Tables {
     pub trace_ids: String,
     /// `db.otel_traces_message_ids`: messages already stored, to skip duplicates.
     pub message_ids: String,
+    /// `journey_events`, without the database.
+    pub journey_events_name: String,
+    /// `db.journey_events`: one row per span that carried a journey's key.
+    pub journey_events: String,
+    /// `db.journey_state`: each journey's latest state.
+    pub journey_state: String,
 }
 
 impl Tables {
@@ -38,6 +44,9 @@ impl Tables {
             spans: format!("{db}.{t}"),
             trace_ids: format!("{db}.{t}_trace_id_ts"),
             message_ids: format!("{db}.{t}_message_ids"),
+            journey_events_name: "journey_events".into(),
+            journey_events: format!("{db}.journey_events"),
+            journey_state: format!("{db}.journey_state"),
         }
     }
 }
@@ -93,7 +102,7 @@ pub fn statements(cfg: &IngesterConfig) -> Vec<String> {
         .as_ref()
         .map_or_else(String::new, |p| format!(", storage_policy = '{p}'"));
     let dedup_days = cfg.clickhouse.dedup_window_days;
-    vec![
+    let mut out = vec![
         format!(
             "CREATE TABLE IF NOT EXISTS {spans} (
     Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
@@ -180,6 +189,98 @@ SELECT MessageId FROM {spans} GROUP BY MessageId",
         ),
         format!("ALTER TABLE {} MODIFY TTL {}", t.spans, spans_ttl(r)),
         format!("ALTER TABLE {} MODIFY TTL {}", t.trace_ids, trace_ids_ttl(r)),
+    ];
+    out.extend(journey_statements(cfg, &t));
+    out
+}
+
+/// `TTL` of the events table: by the day rows arrived, whole parts at a time.
+fn events_ttl(cfg: &IngesterConfig) -> String {
+    format!(
+        "toDateTime(Ingested) + toIntervalDay({})",
+        cfg.journeys.events_ttl_days
+    )
+}
+
+fn state_ttl(cfg: &IngesterConfig) -> String {
+    format!(
+        "toDateTime(LastSeen) + toIntervalDay({})",
+        cfg.journeys.state_ttl_days
+    )
+}
+
+/// The journey tables (docs/journeys.md, "Tables").
+///
+/// - Events are partitioned by the day they arrived (`Ingested`, set by
+///   ClickHouse), so the finder's "what arrived since my last look" reads
+///   today's partition only, and ordered by journey and key, so a look-up
+///   of one order reads one granule range per partition.
+/// - The state table is an `AggregatingMergeTree` filled by a materialized
+///   view: the latest status (by span time), the first time each status was
+///   seen (so the time the latest one was entered), first and last seen,
+///   and whether any span of it failed. Rows of one key merge in the
+///   background; readers merge what is not merged yet (`GROUP BY`).
+fn journey_statements(cfg: &IngesterConfig, t: &Tables) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {events} (
+    Journey LowCardinality(String) CODEC(ZSTD(1)),
+    Key String CODEC(ZSTD(1)),
+    Status LowCardinality(String) CODEC(ZSTD(1)),
+    Time DateTime64(9) CODEC(Delta, ZSTD(1)),
+    Service LowCardinality(String) CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    Error UInt8,
+    Kept UInt8,
+    Rule LowCardinality(String) CODEC(ZSTD(1)),
+    Captured Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    MessageId String CODEC(ZSTD(1)),
+    Ingested DateTime64(3) DEFAULT now64(3) CODEC(Delta, ZSTD(1)),
+    INDEX idx_ingested Ingested TYPE minmax GRANULARITY 1
+) ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(Ingested)
+ORDER BY (Journey, Key, Time)
+TTL {ttl}
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000",
+            events = t.journey_events,
+            ttl = events_ttl(cfg),
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {state} (
+    Journey LowCardinality(String),
+    Key String,
+    LastStatus AggregateFunction(argMax, String, DateTime64(9)),
+    StatusSince SimpleAggregateFunction(minMap, Tuple(Array(String), Array(Int64))),
+    FirstSeen SimpleAggregateFunction(min, DateTime64(9)),
+    LastSeen SimpleAggregateFunction(max, DateTime64(9)),
+    ErrorSeen SimpleAggregateFunction(max, UInt8),
+    Events SimpleAggregateFunction(sum, UInt64)
+) ENGINE = AggregatingMergeTree
+ORDER BY (Journey, Key)
+TTL {ttl}",
+            state = t.journey_state,
+            ttl = state_ttl(cfg),
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {state}_mv TO {state} AS
+SELECT Journey, Key,
+    argMaxStateIf(Status, Time, Status != '') AS LastStatus,
+    minMap(if(Status != '', ([Status], [toUnixTimestamp64Nano(Time)]), ([], []))) AS StatusSince,
+    min(Time) AS FirstSeen, max(Time) AS LastSeen, max(Error) AS ErrorSeen, count() AS Events
+FROM {events} GROUP BY Journey, Key",
+            state = t.journey_state,
+            events = t.journey_events,
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {ids}_journeys_mv TO {ids} AS
+SELECT MessageId FROM {events} GROUP BY MessageId",
+            ids = t.message_ids,
+            events = t.journey_events,
+        ),
+        format!("ALTER TABLE {} MODIFY TTL {}", t.journey_events, events_ttl(cfg)),
+        format!("ALTER TABLE {} MODIFY TTL {}", t.journey_state, state_ttl(cfg)),
     ]
 }
 

@@ -15,7 +15,7 @@
 
 use crate::{
     config::IngesterConfig,
-    rows::SpanRow,
+    rows::{EventRow, SpanRow},
     schema::{Tables, create_database, statements},
 };
 use clickhouse::Client;
@@ -62,17 +62,20 @@ struct StoredId {
     message_id: String,
 }
 
-/// One message's rows, ready to store.
+/// One message's rows, ready to store: span rows of a kept trace, or the
+/// events of a journey events message.
 #[derive(Debug)]
 pub struct Pending {
     pub message_id: String,
     pub rows: Vec<SpanRow>,
+    pub events: Vec<EventRow>,
 }
 
 /// What [`Store::insert`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Stored {
     pub rows: usize,
+    pub events: usize,
     /// Messages skipped because they were already stored.
     pub duplicates: usize,
 }
@@ -107,6 +110,11 @@ impl Store {
 
     pub fn tables(&self) -> &Tables {
         &self.tables
+    }
+
+    /// A client in the configured database, for readers of the tables.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Creates or updates the schema; every statement is idempotent.
@@ -152,6 +160,7 @@ impl Store {
             .collect();
         let mut result = Stored {
             rows: 0,
+            events: 0,
             duplicates: batch.len() - fresh.len(),
         };
         if fresh.is_empty() {
@@ -163,19 +172,35 @@ impl Store {
             token.update([0]);
         }
         let token = const_hex::encode(token.finalize());
-        let client = self
-            .client
-            .clone()
-            .with_setting("insert_deduplication_token", token)
-            .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1");
-        let mut insert = client.insert::<SpanRow>(&self.tables.spans_name).await?;
-        for p in &fresh {
-            for row in &p.rows {
+        // Each table's insert has its own token: the message-ID table is
+        // filled from both, and one token there would make the second
+        // view's block look like a repeat of the first's.
+        let client = |table: &str| {
+            self.client
+                .clone()
+                .with_setting("insert_deduplication_token", format!("{token}-{table}"))
+                .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
+        };
+        if fresh.iter().any(|p| !p.rows.is_empty()) {
+            let mut insert = client("spans")
+                .insert::<SpanRow>(&self.tables.spans_name)
+                .await?;
+            for row in fresh.iter().flat_map(|p| &p.rows) {
                 insert.write(row).await?;
                 result.rows += 1;
             }
+            insert.end().await?;
         }
-        insert.end().await?;
+        if fresh.iter().any(|p| !p.events.is_empty()) {
+            let mut insert = client("journeys")
+                .insert::<EventRow>(&self.tables.journey_events_name)
+                .await?;
+            for row in fresh.iter().flat_map(|p| &p.events) {
+                insert.write(row).await?;
+                result.events += 1;
+            }
+            insert.end().await?;
+        }
         Ok(result)
     }
 }

@@ -6,6 +6,7 @@ use crate::{
     condition::{CmpOp, Condition, Literal, Op, Test},
     decision::RuleName,
     field::{Field, FieldType, SpanField},
+    journey::{Journey, MAX_CAPTURE},
     node::{Node, Pos, Value},
     redact::{Mask, Redaction, ValueRule},
     rules::{Rule, Rules},
@@ -66,7 +67,16 @@ impl fmt::Display for RulesError {
     }
 }
 
-const TOP_KEYS: &[&str] = &["rules", "sets", "select_set_by", "redact"];
+const TOP_KEYS: &[&str] = &["rules", "sets", "select_set_by", "redact", "journeys"];
+const JOURNEY_KEYS: &[&str] = &[
+    "name",
+    "key",
+    "status",
+    "max_time_in_status",
+    "default_max_time",
+    "terminal",
+    "capture",
+];
 const RULE_KEYS: &[&str] = &["name", "description", "when", "action"];
 const COMBINATORS: &str = "all, any, not, any_span, every_span";
 const OPERATORS: &[&str] = &[
@@ -280,10 +290,14 @@ impl Compiler<'_> {
             Some((node, _)) => self.redact(node),
             None => Redaction::default(),
         };
+        let journeys = match get("journeys") {
+            Some((node, _)) => self.journeys(node),
+            None => Vec::new(),
+        };
         let default = default?;
         self.errors
             .is_empty()
-            .then(|| Rules::new(select_by, sets, default, redaction, text))
+            .then(|| Rules::new(select_by, sets, default, redaction, journeys, text))
     }
 
     fn rule_list(&mut self, node: &Node) -> Vec<Rule> {
@@ -827,6 +841,232 @@ impl Compiler<'_> {
             None => Some(DEFAULT_MAX_KEYS),
         };
         Some((x?, key, max_keys?))
+    }
+
+    fn journeys(&mut self, node: &Node) -> Vec<Journey> {
+        let mut out: Vec<Journey> = Vec::new();
+        for item in self.seq(node, "`journeys`").unwrap_or(&[]) {
+            let Some(journey) = self.journey(item) else {
+                continue;
+            };
+            if let Some(other) = out.iter().find(|j| j.name == journey.name) {
+                self.err(
+                    journey.pos,
+                    format!(
+                        "journey name `{}` is used twice (first at line {})",
+                        journey.name, other.pos.line
+                    ),
+                    Some("names label the events, the tables' rows and the alerts".into()),
+                );
+                continue;
+            }
+            out.push(journey);
+        }
+        out
+    }
+
+    fn duration(&mut self, node: &Node, what: &str) -> Option<Duration> {
+        match node.scalar_text().as_deref().and_then(parse_duration) {
+            Some(d) if !d.is_zero() => Some(d),
+            _ => {
+                self.err(
+                    node.pos,
+                    format!(
+                        "{what} must be a duration greater than 0, found {}",
+                        describe(node)
+                    ),
+                    Some("e.g. `90s`, `10m`, `8h`".into()),
+                );
+                None
+            }
+        }
+    }
+
+    fn status_list(&mut self, node: &Node, what: &str) -> Vec<(String, Pos)> {
+        let mut out = Vec::new();
+        for item in self.seq(node, what).unwrap_or(&[]) {
+            match item.scalar_text().filter(|s| !s.is_empty()) {
+                Some(s) => out.push((s, item.pos)),
+                None => self.err(
+                    item.pos,
+                    format!("a status in {what} must be a non-empty value"),
+                    None,
+                ),
+            }
+        }
+        out
+    }
+
+    fn journey(&mut self, node: &Node) -> Option<Journey> {
+        let map = self.map(node, "a journey")?;
+        let entries = self.known(map, JOURNEY_KEYS, "a journey");
+        let get = |name: &str| {
+            entries
+                .iter()
+                .find(|(k, _, _)| *k == name)
+                .map(|(_, v, _)| *v)
+        };
+        let name = match get("name") {
+            Some(n) => self.string(n, "a journey's `name`").and_then(|name| {
+                if name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    Some(name)
+                } else {
+                    self.err(
+                        n.pos,
+                        format!("journey name `{name}` may hold only letters, digits, `_` and `-`"),
+                        Some("it becomes part of a RabbitMQ routing key and a metric label".into()),
+                    );
+                    None
+                }
+            }),
+            None => {
+                self.err(node.pos, "a journey needs a `name`", None);
+                None
+            }
+        };
+        let key = match get("key") {
+            Some(k) => {
+                let text = k.as_str().unwrap_or("");
+                match SpanField::parse(text) {
+                    Some(f @ (SpanField::Attribute(_) | SpanField::ResourceAttribute(_))) => {
+                        Some((text.to_owned(), f))
+                    }
+                    _ => {
+                        self.err(
+                            k.pos,
+                            format!("`{}` cannot be a journey key", k.scalar_text().unwrap_or_default()),
+                            Some("a key is a span attribute (`attributes.order.id`) or a resource attribute (`resource.tenant`)".into()),
+                        );
+                        None
+                    }
+                }
+            }
+            None => {
+                self.err(
+                    node.pos,
+                    "a journey needs a `key`",
+                    Some("the attribute every span touching the entity carries, e.g. `key: attributes.order.id`".into()),
+                );
+                None
+            }
+        };
+        let status = get("status").and_then(|s| {
+            let text = s.as_str().unwrap_or("");
+            let field = SpanField::parse(text);
+            if field.is_none() {
+                self.err(
+                    s.pos,
+                    format!(
+                        "`{}` cannot be a journey status",
+                        s.scalar_text().unwrap_or_default()
+                    ),
+                    Some(format!(
+                        "a status is a span field: {}",
+                        crate::field::SPAN_FIELDS
+                    )),
+                );
+            }
+            field.map(|f| (text.to_owned(), f))
+        });
+        let mut max_time_in_status: Vec<(String, Duration)> = Vec::new();
+        let mut limit_pos: Vec<Pos> = Vec::new();
+        if let Some(m) = get("max_time_in_status")
+            && let Some(map) = self.map(m, "`max_time_in_status`")
+        {
+            for (status, limit) in map {
+                let Some(s) = status.scalar_text().filter(|s| !s.is_empty()) else {
+                    self.err(status.pos, "a status must be a non-empty value", None);
+                    continue;
+                };
+                if max_time_in_status.iter().any(|(other, _)| *other == s) {
+                    self.err(status.pos, format!("status `{s}` is given twice"), None);
+                    continue;
+                }
+                if let Some(d) = self.duration(limit, &format!("the limit of `{s}`")) {
+                    max_time_in_status.push((s, d));
+                    limit_pos.push(status.pos);
+                }
+            }
+        }
+        let default_max_time =
+            get("default_max_time").and_then(|d| self.duration(d, "`default_max_time`"));
+        let terminal = match get("terminal") {
+            Some(t) => self.status_list(t, "`terminal`"),
+            None => Vec::new(),
+        };
+        for (s, pos) in &terminal {
+            if let Some(i) = max_time_in_status.iter().position(|(other, _)| other == s) {
+                self.err(
+                    limit_pos[i],
+                    format!(
+                        "status `{s}` has a limit but is terminal (line {})",
+                        pos.line
+                    ),
+                    Some("a journey in a terminal status is finished and never stuck".into()),
+                );
+            }
+        }
+        if get("status").is_none()
+            && (!max_time_in_status.is_empty()
+                || !terminal.is_empty()
+                || default_max_time.is_some())
+        {
+            self.err(
+                node.pos,
+                "limits and terminal statuses need a `status` field",
+                Some("e.g. `status: attributes.order.status`".into()),
+            );
+        }
+        let mut capture = Vec::new();
+        if let Some(c) = get("capture") {
+            let items = self.seq(c, "`capture`").unwrap_or(&[]);
+            if items.len() > MAX_CAPTURE {
+                self.err(
+                    c.pos,
+                    format!(
+                        "at most {MAX_CAPTURE} fields can be captured, found {}",
+                        items.len()
+                    ),
+                    Some("an event is recorded for every span with the key: keep it small".into()),
+                );
+            }
+            for item in items {
+                let text = item.as_str().unwrap_or("");
+                match SpanField::parse(text) {
+                    Some(f) => capture.push((text.to_owned(), f)),
+                    None => self.err(
+                        item.pos,
+                        format!(
+                            "`{}` cannot be captured",
+                            item.scalar_text().unwrap_or_default()
+                        ),
+                        Some(format!(
+                            "capture span fields: {}",
+                            crate::field::SPAN_FIELDS
+                        )),
+                    ),
+                }
+            }
+        }
+        let key = key?;
+        let finder = match &key.1 {
+            SpanField::Attribute(k) => Some(memchr::memmem::Finder::new(k.as_bytes()).into_owned()),
+            _ => None,
+        };
+        Some(Journey {
+            finder,
+            name: name?,
+            key,
+            status,
+            max_time_in_status,
+            default_max_time,
+            terminal: terminal.into_iter().map(|(s, _)| s).collect(),
+            capture,
+            pos: node.pos,
+        })
     }
 
     fn redact(&mut self, node: &Node) -> Redaction {

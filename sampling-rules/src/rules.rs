@@ -7,6 +7,7 @@ use crate::{
     condition::{CmpOp, Condition, Facts, Literal, Op, Test},
     decision::{Decision, RuleName},
     field::{FieldValue, SpanField, TraceField},
+    journey::Journey,
     node::Pos,
     redact::Redaction,
     threshold::{Probability, Threshold},
@@ -48,6 +49,7 @@ pub struct Rules {
     sets: Vec<(String, Vec<Rule>)>,
     default: Vec<Rule>,
     redaction: Redaction,
+    journeys: Vec<Journey>,
     digest: [u8; 32],
     no_match: RuleName,
     reads_span_attributes: bool,
@@ -62,6 +64,7 @@ impl Rules {
         sets: Vec<(String, Vec<Rule>)>,
         default: Vec<Rule>,
         redaction: Redaction,
+        journeys: Vec<Journey>,
         text: &str,
     ) -> Self {
         let reads_span_attributes = default
@@ -73,6 +76,7 @@ impl Rules {
             sets,
             default,
             redaction,
+            journeys,
             digest: Sha256::digest(text.as_bytes()).into(),
             no_match: RuleName::new(NO_MATCH),
             reads_span_attributes,
@@ -145,6 +149,7 @@ impl Rules {
             Vec::new(),
             default,
             Redaction::default(),
+            Vec::new(),
             &description,
         )
     }
@@ -189,6 +194,11 @@ impl Rules {
 
     pub fn redaction(&self) -> &Redaction {
         &self.redaction
+    }
+
+    /// The journeys the file defines, in its order.
+    pub fn journeys(&self) -> &[Journey] {
+        &self.journeys
     }
 
     /// SHA-256 of the rules text, in hex: equal on every node running the same file.

@@ -879,3 +879,150 @@ proptest! {
         }
     }
 }
+
+const JOURNEYS: &str = "rules:
+  - name: all
+    action: keep
+journeys:
+  - name: order
+    key: attributes.order.id
+    status: attributes.order.status
+    max_time_in_status:
+      NEW: 5m
+      PRICE_CALCULATED: 10m
+      MANUFACTURING_STARTED: 8h
+    default_max_time: 1h
+    terminal: [SHIPPED, CANCELLED]
+    capture: [attributes.messaging.destination.name, span.kind]
+";
+
+/// A journey reads its key, status and captured fields from one span: any
+/// scalar key (an integer order ID becomes its text), no event without a key.
+#[test]
+fn journey_fields_of_a_span() {
+    let r = rules(JOURNEYS);
+    let [j] = r.journeys() else {
+        panic!("one journey")
+    };
+    assert_eq!(j.name(), "order");
+    assert_eq!(j.span_attribute_key(), Some("order.id"));
+    let res = resource("crm", "production");
+    let span = sp(1, None)
+        .attr("order.id", Value::IntValue(4711))
+        .attr("order.status", s("PRICE_CALCULATED"))
+        .attr("messaging.destination.name", s("orders"));
+    let at = |span: &Span| {
+        j.event(&SpanRef {
+            resource: Some(&res),
+            scope: None,
+            span,
+        })
+    };
+    let f = at(&span).expect("the span carries the key");
+    assert_eq!(f.key, "4711");
+    assert_eq!(f.status, "PRICE_CALCULATED");
+    assert_eq!(
+        f.captured,
+        [
+            (
+                "attributes.messaging.destination.name".to_owned(),
+                "orders".to_owned()
+            ),
+            ("span.kind".to_owned(), "2".to_owned()),
+        ]
+    );
+    let no_status = sp(2, None).attr("order.id", s("4712"));
+    assert_eq!(at(&no_status).expect("key").status, "");
+    assert_eq!(at(&sp(3, None).attr("order.status", s("NEW"))), None);
+    assert_eq!(
+        at(&sp(4, None).attr("order.id", s(""))),
+        None,
+        "an empty key is no key"
+    );
+    // Limits: listed, the default for the rest, none once terminal.
+    assert_eq!(j.max_time_in("NEW"), Some(Duration::from_secs(300)));
+    assert_eq!(j.max_time_in("PACKED"), Some(Duration::from_secs(3600)));
+    assert_eq!(j.max_time_in("SHIPPED"), None);
+    assert!(j.is_terminal("CANCELLED"));
+    assert!(
+        j.describe().contains("PRICE_CALCULATED 10m"),
+        "{}",
+        j.describe()
+    );
+}
+
+/// A long value is cut at a character boundary, so one span cannot make
+/// an event large.
+#[test]
+fn journey_values_are_bounded() {
+    let r = rules(JOURNEYS);
+    let res = resource("crm", "production");
+    let long = "é".repeat(400);
+    let span = sp(1, None).attr("order.id", s(&long));
+    let f = r.journeys()[0]
+        .event(&SpanRef {
+            resource: Some(&res),
+            scope: None,
+            span: &span,
+        })
+        .expect("key");
+    assert!(f.key.len() <= crate::MAX_VALUE_BYTES && f.key.len() >= crate::MAX_VALUE_BYTES - 1);
+    assert!(long.starts_with(&f.key));
+}
+
+/// Every problem in a `journeys` section is reported at once, each at its
+/// line and column.
+#[test]
+fn journey_errors() {
+    let e = errors(
+        "rules:
+  - name: all
+    action: keep
+journeys:
+  - name: order id
+    key: span.name
+    status: nonsense
+    max_time_in_status:
+      NEW: soon
+      SHIPPED: 1h
+    terminal: [SHIPPED]
+    colour: blue
+  - key: attributes.order.id
+  - name: order
+    key: attributes.order.id
+  - name: order
+    key: attributes.x
+",
+    );
+    let at: Vec<(u64, u64, &str)> = e
+        .iter()
+        .map(|e| (e.pos.line, e.pos.column, e.message.as_str()))
+        .collect();
+    let has = |line: u64, column: u64, text: &str| {
+        assert!(
+            at.iter()
+                .any(|(l, c, m)| *l == line && *c == column && m.contains(text)),
+            "expected {line}:{column} `{text}` in {at:#?}"
+        );
+    };
+    has(5, 11, "may hold only letters");
+    has(6, 10, "cannot be a journey key");
+    has(7, 13, "cannot be a journey status");
+    has(9, 12, "must be a duration");
+    has(10, 7, "has a limit but is terminal");
+    has(12, 5, "unknown key `colour`");
+    has(13, 5, "needs a `name`");
+    has(16, 5, "used twice");
+    assert_eq!(e.len(), 8, "{at:#?}");
+    let e = errors(
+        "rules:
+  - name: all
+    action: keep
+journeys:
+  - name: order
+    key: attributes.order.id
+    terminal: [DONE]
+",
+    );
+    assert!(e[0].message.contains("need a `status` field"), "{e:?}");
+}

@@ -6,6 +6,7 @@
 //! between two decisions, never during one.
 
 pub mod cache;
+pub mod journeys;
 pub mod reload;
 
 use crate::{
@@ -17,6 +18,7 @@ use crate::{
 };
 use arc_swap::ArcSwap;
 use cache::{DecisionCache, Verdict};
+use journeys::{Fate, Recorder};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 use std::sync::Arc;
 use tailgate_sampling_rules::{Decision, Kept, Rules, SpanRef, TraceId, TraceView, with_threshold};
@@ -36,6 +38,7 @@ pub struct Decider {
     /// Kept traces are compressed here, on the deciding thread, once: the
     /// outbox holds them compressed and a retry publishes the same bytes.
     compression: Compression,
+    journeys: Recorder,
 }
 
 impl Decider {
@@ -45,6 +48,7 @@ impl Decider {
         metrics: Arc<Metrics>,
         outbox: Arc<Outbox>,
         compression: Compression,
+        journeys: Recorder,
     ) -> Self {
         Self {
             rules: ArcSwap::new(rules),
@@ -52,7 +56,13 @@ impl Decider {
             metrics,
             outbox,
             compression,
+            journeys,
         }
+    }
+
+    /// Journey events waiting to be batched out.
+    pub fn journeys(&self) -> &Recorder {
+        &self.journeys
     }
 
     pub fn cache(&self) -> &DecisionCache {
@@ -87,6 +97,16 @@ impl Decider {
             fragments,
         };
         let decision = rules.decide(&view, now.into_std());
+        self.journeys.record(
+            &rules,
+            trace.trace_id,
+            &trace.fragments,
+            Fate {
+                kept: decision.is_keep(),
+                rule: decision.rule().as_str(),
+            },
+            now,
+        );
         let latency = now.saturating_duration_since(trace.received_at);
         self.metrics.decision.decided(
             decision.is_keep(),
@@ -127,6 +147,23 @@ impl Decider {
 
     /// Spans that arrived after their trace was decided follow that decision.
     pub fn late(&self, batch: TraceBatch, verdict: &Verdict, now: Instant) {
+        let fate = match verdict {
+            Verdict::Keep(k) => Fate {
+                kept: true,
+                rule: k.kept.rule.as_str(),
+            },
+            Verdict::Drop => Fate {
+                kept: false,
+                rule: "",
+            },
+        };
+        self.journeys.record(
+            &self.rules.load(),
+            batch.trace_id,
+            &batch.fragments,
+            fate,
+            now,
+        );
         match verdict {
             Verdict::Keep(k) => {
                 self.metrics.decision.late(true, batch.span_count);

@@ -6,7 +6,7 @@
 //! backoff; a failed publish, a lost connection or a missing confirm puts the
 //! unconfirmed messages back and reconnects.
 
-use super::{OutMessage, Outbox};
+use super::{Content, OutMessage, Outbox};
 use crate::{config, metrics::Metrics};
 use futures_util::future::join_all;
 use lapin::{
@@ -20,6 +20,7 @@ use std::{
 };
 use tailgate_contract::{
     amqp::{confirmed_channel, declare_exchange},
+    journey,
     message::{self, Annotations},
 };
 use tokio::time::{Instant, sleep, timeout, timeout_at};
@@ -92,14 +93,26 @@ fn properties(msg: &OutMessage) -> BasicProperties {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let annotations = Annotations {
-        trace_id: &msg.trace_id.to_hex(),
-        rule: &msg.rule,
-        adjusted_count: msg.adjusted_count,
-        span_count: msg.span_count,
-        root_service: &msg.root_service,
-    };
-    message::properties(&msg.id, &annotations, msg.compression, now)
+    match &msg.content {
+        Content::Trace {
+            trace_id,
+            rule,
+            adjusted_count,
+            root_service,
+        } => {
+            let annotations = Annotations {
+                trace_id: &trace_id.to_hex(),
+                rule,
+                adjusted_count: *adjusted_count,
+                span_count: msg.span_count,
+                root_service,
+            };
+            message::properties(&msg.id, &annotations, msg.compression, now)
+        }
+        Content::JourneyEvents { journey, events } => {
+            journey::properties(&msg.id, journey, *events, msg.compression, now)
+        }
+    }
 }
 
 /// A published message waiting for its confirm.
@@ -257,6 +270,9 @@ async fn oldest_answer(
                 now.saturating_duration_since(front.published_at)
                     .as_secs_f64(),
             );
+            if let Content::JourneyEvents { journey, events } = &front.msg.content {
+                metrics.journeys.published(journey, *events as u64);
+            }
             Answer::Confirmed
         }
         Ok(Ok(Confirmation::Ack(Some(_)))) => {

@@ -19,25 +19,42 @@ use std::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
-use tailgate_contract::{compression::Compression, message::routing_key};
+use tailgate_contract::{
+    compression::Compression,
+    journey::{self, JourneyEvents},
+    message::routing_key,
+};
 use tailgate_sampling_rules::{Kept, TraceId};
 use tokio::{sync::Notify, time::Instant};
 
-/// One kept trace (or late spans of one), ready to publish.
+/// One kept trace (or late spans of one), or a batch of journey events,
+/// ready to publish.
 #[derive(Debug, Clone)]
 pub struct OutMessage {
     /// Unique per message, unchanged when republished.
     pub id: String,
     pub routing_key: String,
-    /// `ExportTraceServiceRequest` protobuf, compressed as `compression` says.
+    /// The protobuf [`Content`] says, compressed as `compression` says.
     pub body: Bytes,
     pub compression: Compression,
-    pub trace_id: TraceId,
-    pub rule: String,
-    pub adjusted_count: f64,
+    /// Spans in a trace message; 0 in a journey events message.
     pub span_count: usize,
-    pub root_service: Arc<str>,
     pub received_at: Instant,
+    pub content: Content,
+}
+
+/// What a message carries.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// An `ExportTraceServiceRequest`.
+    Trace {
+        trace_id: TraceId,
+        rule: String,
+        adjusted_count: f64,
+        root_service: Arc<str>,
+    },
+    /// A `JourneyEvents` batch of one journey.
+    JourneyEvents { journey: Arc<str>, events: usize },
 }
 
 /// Distinguishes messages of one process: a random prefix (so restarts do
@@ -68,12 +85,45 @@ impl OutMessage {
             routing_key: routing_key(kept.rule.as_str(), &root_service),
             body: Bytes::from(body),
             compression,
-            trace_id,
-            rule: kept.rule.as_str().to_owned(),
-            adjusted_count: kept.adjusted_count(),
             span_count,
-            root_service,
             received_at,
+            content: Content::Trace {
+                trace_id,
+                rule: kept.rule.as_str().to_owned(),
+                adjusted_count: kept.adjusted_count(),
+                root_service,
+            },
+        }
+    }
+
+    /// A batch of one journey's events.
+    pub fn journey_events(
+        journey: Arc<str>,
+        batch: &JourneyEvents,
+        compression: Compression,
+        received_at: Instant,
+    ) -> Self {
+        let (prefix, n) = next_message_number();
+        let (compression, body) = compression.compress(batch.encode_to_vec());
+        Self {
+            id: format!("journey-{journey}-{prefix:016x}-{n}"),
+            routing_key: journey::routing_key(&journey),
+            body: Bytes::from(body),
+            compression,
+            span_count: 0,
+            received_at,
+            content: Content::JourneyEvents {
+                journey,
+                events: batch.events.len(),
+            },
+        }
+    }
+
+    /// Journey events in the message.
+    pub fn journey_event_count(&self) -> usize {
+        match self.content {
+            Content::JourneyEvents { events, .. } => events,
+            Content::Trace { .. } => 0,
         }
     }
 }
@@ -87,6 +137,8 @@ pub struct Outbox {
     messages: AtomicUsize,
     /// Spans in queued and in-flight messages.
     spans: AtomicUsize,
+    /// Journey events in queued and in-flight messages.
+    journey_events: AtomicUsize,
     max_bytes: usize,
     added: Notify,
     settled: Notify,
@@ -99,6 +151,7 @@ impl Outbox {
             bytes: AtomicUsize::new(0),
             messages: AtomicUsize::new(0),
             spans: AtomicUsize::new(0),
+            journey_events: AtomicUsize::new(0),
             max_bytes,
             added: Notify::new(),
             settled: Notify::new(),
@@ -122,6 +175,10 @@ impl Outbox {
         self.spans.load(Ordering::Relaxed)
     }
 
+    pub fn journey_events(&self) -> usize {
+        self.journey_events.load(Ordering::Relaxed)
+    }
+
     /// Receivers push back while this is true.
     pub fn is_full(&self) -> bool {
         self.bytes() >= self.max_bytes
@@ -133,6 +190,8 @@ impl Outbox {
         self.bytes.fetch_add(msg.body.len(), Ordering::Relaxed);
         self.messages.fetch_add(1, Ordering::Relaxed);
         self.spans.fetch_add(msg.span_count, Ordering::Relaxed);
+        self.journey_events
+            .fetch_add(msg.journey_event_count(), Ordering::Relaxed);
         self.queue().push_back(msg);
         self.added.notify_one();
     }
@@ -158,6 +217,8 @@ impl Outbox {
         self.bytes.fetch_sub(msg.body.len(), Ordering::Relaxed);
         self.messages.fetch_sub(1, Ordering::Relaxed);
         self.spans.fetch_sub(msg.span_count, Ordering::Relaxed);
+        self.journey_events
+            .fetch_sub(msg.journey_event_count(), Ordering::Relaxed);
         self.settled.notify_waiters();
     }
 
@@ -215,7 +276,13 @@ mod tests {
         assert_eq!(o.messages(), 3);
         o.requeue(first);
         let all = o.take(10).await;
-        let ids: Vec<u8> = all.iter().map(|m| m.trace_id.0[0]).collect();
+        let ids: Vec<u8> = all
+            .iter()
+            .map(|m| match &m.content {
+                Content::Trace { trace_id, .. } => trace_id.0[0],
+                Content::JourneyEvents { .. } => 0,
+            })
+            .collect();
         assert_eq!(ids, [1, 2, 3]);
         for m in &all {
             o.settle(m);
