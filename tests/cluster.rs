@@ -14,129 +14,10 @@ use std::{
 use support::{
     PATIENCE, amqp_url,
     broker::{Received, TestQueue},
+    cluster::{CLUSTER, Rng, converged, node, send_traces, settled, spray},
     gateway::{Gateway, logged_spans, metric_sum},
     otlp::{self, OrderSpan, hex, order_trace, trace_id},
 };
-
-/// Cluster timing for tests: quick greetings, a short peer timeout.
-const CLUSTER: &[(&str, &str)] = &[
-    ("TAILGATE_CLUSTER__REFRESH_SECS", "0.1"),
-    ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "1"),
-    ("TAILGATE_CLUSTER__FORWARD_FLUSH_SECS", "0.02"),
-    ("TAILGATE_BUFFER__DECISION_WAIT_SECS", "1"),
-    ("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "20"),
-];
-
-/// Starts a node that joins through `seeds` (peer addresses), with `extra` settings.
-fn node(q: &TestQueue, seeds: &[&Gateway], extra: &[(&str, &str)]) -> Gateway {
-    let seeds =
-        serde_json::to_string(&seeds.iter().map(|g| g.peer.clone()).collect::<Vec<_>>()).unwrap();
-    let mut env: Vec<(&str, &str)> = CLUSTER.to_vec();
-    env.push(("TAILGATE_CLUSTER__PEERS", &seeds));
-    env.extend_from_slice(extra);
-    Gateway::start(&amqp_url(), &q.exchange, &env)
-}
-
-/// Waits until every node sees `n` live nodes.
-async fn converged(nodes: &[&Gateway], n: usize) {
-    for g in nodes {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let peers = g.metric("tailgate_cluster_peers", &[]).await;
-            if peers == n as f64 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} sees {peers} nodes, not {n}\n{}",
-                g.peer,
-                g.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-/// A small deterministic generator for spreading spans over nodes.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        usize::try_from((self.0 >> 33) % n as u64).unwrap()
-    }
-}
-
-/// Sends spans to the given nodes, each span to a random one, in requests
-/// of up to 300 spans; a refused request is retried on another node, as a
-/// client behind a load balancer would.
-async fn spray(nodes: &[&Gateway], spans: &[OrderSpan], rng: &mut Rng) {
-    let mut per_node: Vec<Vec<OrderSpan>> = vec![Vec::new(); nodes.len()];
-    for s in spans {
-        per_node[rng.below(nodes.len())].push(s.clone());
-    }
-    for (i, group) in per_node.iter().enumerate() {
-        for chunk in group.chunks(300) {
-            let req = otlp::request(chunk);
-            let mut target = i;
-            let deadline = tokio::time::Instant::now() + PATIENCE;
-            loop {
-                let resp = otlp::send_http_protobuf(&nodes[target].http_url(), &req).await;
-                if resp.status() == 200 {
-                    break;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no node accepts spans"
-                );
-                target = (target + 1) % nodes.len();
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-/// Children first, roots last: every trace is complete when its root wait starts.
-async fn send_traces(nodes: &[&Gateway], traces: &[Vec<OrderSpan>], rng: &mut Rng) {
-    let children: Vec<OrderSpan> = traces.iter().flat_map(|t| t[1..].iter().cloned()).collect();
-    let roots: Vec<OrderSpan> = traces.iter().map(|t| t[0].clone()).collect();
-    spray(nodes, &children, rng).await;
-    spray(nodes, &roots, rng).await;
-}
-
-/// Waits until the nodes decided `traces` traces and the broker confirmed every kept one.
-async fn settled(nodes: &[&Gateway], traces: f64) -> usize {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let decided = metric_sum(nodes, "tailgate_traces_decided_total", &[]).await;
-        let kept = metric_sum(
-            nodes,
-            "tailgate_traces_decided_total",
-            &[("decision", "keep")],
-        )
-        .await;
-        let acked = metric_sum(
-            nodes,
-            "tailgate_broker_publishes_total",
-            &[("outcome", "ack")],
-        )
-        .await;
-        if decided >= traces && acked >= kept {
-            assert_eq!(
-                decided, traces,
-                "a trace was decided more than once (split)"
-            );
-            return kept as usize;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "decided {decided} of {traces}, {acked} of {kept} kept confirmed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Kept traces by ID, each checked to be one message with all its spans.
 fn whole(messages: Vec<Received>, spans_per_trace: usize) -> BTreeMap<String, String> {
@@ -172,9 +53,9 @@ async fn three_nodes_keep_traces_whole_and_agree_with_one_node() {
     let traces = workload(61, 5000);
 
     let mut q = TestQueue::new("cluster3").await;
-    let a = node(&q, &[], &[]);
-    let b = node(&q, &[&a], &[]);
-    let c = node(&q, &[&a, &b], &[]);
+    let a = node(&q.exchange, &[], &[]);
+    let b = node(&q.exchange, &[&a], &[]);
+    let c = node(&q.exchange, &[&a, &b], &[]);
     let nodes = [&a, &b, &c];
     converged(&nodes, 3).await;
     send_traces(&nodes, &traces, &mut Rng(7)).await;
@@ -205,9 +86,9 @@ async fn scaling_up_and_down_never_splits_a_trace() {
     let mut q = TestQueue::new("scale").await;
     // Keep every trace: any split would show as a second message.
     let keep_all = [("TAILGATE_POLICY__RANDOM_SHARE", "1")];
-    let a = node(&q, &[], &keep_all);
-    let b = node(&q, &[&a], &keep_all);
-    let c = node(&q, &[&a, &b], &keep_all);
+    let a = node(&q.exchange, &[], &keep_all);
+    let b = node(&q.exchange, &[&a], &keep_all);
+    let c = node(&q.exchange, &[&a, &b], &keep_all);
     converged(&[&a, &b, &c], 3).await;
     let mut rng = Rng(11);
     let mut sent = 0u64;
@@ -219,7 +100,7 @@ async fn scaling_up_and_down_never_splits_a_trace() {
 
     send_traces(&[&a, &b, &c], &round(300), &mut rng).await;
     let joining = std::time::Instant::now();
-    let d = node(&q, &[&a, &b, &c], &keep_all);
+    let d = node(&q.exchange, &[&a, &b, &c], &keep_all);
     converged(&[&a, &b, &c, &d], 4).await;
     let joined = joining.elapsed();
     send_traces(&[&a, &b, &c, &d], &round(300), &mut rng).await;
@@ -271,8 +152,8 @@ async fn a_leaving_node_counts_what_a_hung_peer_never_confirmed() {
         ("TAILGATE_BUFFER__TRACE_TIMEOUT_SECS", "120"),
         ("TAILGATE_SHUTDOWN__GRACE_SECS", "1"),
     ];
-    let a = node(&q, &[], &settings);
-    let b = node(&q, &[&a], &settings);
+    let a = node(&q.exchange, &[], &settings);
+    let b = node(&q.exchange, &[&a], &settings);
     converged(&[&a, &b], 2).await;
     let traces = workload(95, 200);
     send_traces(&[&b], &traces, &mut Rng(5)).await;
@@ -319,9 +200,9 @@ async fn a_leaving_node_counts_what_a_hung_peer_never_confirmed() {
 async fn a_crashed_node_is_routed_around() {
     let mut q = TestQueue::new("crash").await;
     let keep_all = [("TAILGATE_POLICY__RANDOM_SHARE", "1")];
-    let a = node(&q, &[], &keep_all);
-    let b = node(&q, &[&a], &keep_all);
-    let c = node(&q, &[&a, &b], &keep_all);
+    let a = node(&q.exchange, &[], &keep_all);
+    let b = node(&q.exchange, &[&a], &keep_all);
+    let c = node(&q.exchange, &[&a, &b], &keep_all);
     converged(&[&a, &b, &c], 3).await;
     // Traces in flight: children sent, roots not yet.
     let before = workload(80, 300);
@@ -406,8 +287,8 @@ async fn a_delivered_batch_is_not_forwarded_again() {
         ("TAILGATE_CLUSTER__REFRESH_SECS", "0.5"),
         ("TAILGATE_CLUSTER__PEER_TIMEOUT_SECS", "5"),
     ];
-    let a = node(&q, &[], &slower);
-    let b = node(&q, &[&a], &slower);
+    let a = node(&q.exchange, &[], &slower);
+    let b = node(&q.exchange, &[&a], &slower);
     converged(&[&a, &b], 2).await;
     // A trace that a owns, delivered to b as if b's peer had a stale view.
     let ring = tailgate_gateway::cluster::ring::Ring::new([
@@ -475,9 +356,9 @@ async fn key_sampling_keeps_whole_orders_across_nodes() {
     let rules_file = rules.display().to_string();
     let with_rules = [("TAILGATE_RULES__FILE", rules_file.as_str())];
     let mut q = TestQueue::new("keysample").await;
-    let a = node(&q, &[], &with_rules);
-    let b = node(&q, &[&a], &with_rules);
-    let c = node(&q, &[&a, &b], &with_rules);
+    let a = node(&q.exchange, &[], &with_rules);
+    let b = node(&q.exchange, &[&a], &with_rules);
+    let c = node(&q.exchange, &[&a, &b], &with_rules);
     let nodes = [&a, &b, &c];
     converged(&nodes, 3).await;
 

@@ -219,6 +219,28 @@ impl TestQueue {
             .expect("publish");
     }
 
+    /// Publishes a journey events batch as a gateway does (its `type`
+    /// property marks it), under `message_id`.
+    pub async fn publish_journey_events(&self, journey: &str, body: &[u8], message_id: &str) {
+        let props = tailgate_contract::journey::properties(
+            message_id,
+            journey,
+            1,
+            tailgate_contract::compression::Compression::None,
+            0,
+        );
+        self.channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                tailgate_contract::journey::routing_key(journey).as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish");
+    }
+
     /// The next message of another queue (polled: `basic_get`), or `None` after `PATIENCE`.
     pub async fn get_from(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         let deadline = tokio::time::Instant::now() + PATIENCE;

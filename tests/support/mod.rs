@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod chaos;
 pub mod clickhouse;
+pub mod cluster;
 pub mod e2e;
 pub mod gateway;
 pub mod ingest;
