@@ -606,3 +606,58 @@ fn every_value_is_in_the_readme_table() {
         "undocumented: {missing:?}"
     );
 }
+
+/// Journeys in the chart: the ingesters mount the rules ConfigMap and run
+/// the stuck-journey finder on it, and the optional PrometheusRule alerts
+/// on stuck journeys (max over ingesters, which all see the same tables)
+/// with an annotation that says how to list and look them up.
+#[test]
+fn journeys_finder_and_alerts() {
+    let r = render(&["helm/tailgate/ci/servicemonitor-values.yaml"]);
+    assert_eq!(problems(&r), "");
+    let config = find(&r, "ConfigMap", "tg-tailgate-config");
+    let ingester: RawIngesterConfig =
+        ConfigFile::from_yaml(config["data"]["ingester.yaml"].as_str().unwrap()).unwrap();
+    let ingester = ingester.validate().unwrap();
+    assert_eq!(
+        ingester.journeys.rules_file.as_deref(),
+        Some(Path::new("/etc/tailgate/rules/rules.yaml"))
+    );
+    assert_eq!(
+        ingester.journeys.trace_link.as_deref(),
+        Some("https://jaeger.example/trace/{trace_id}")
+    );
+    let dep = find(&r, "Deployment", "tg-tailgate-ingester");
+    let mounts = &container(dep, "ingester")["volumeMounts"];
+    assert_eq!(named(mounts, "rules")["mountPath"], "/etc/tailgate/rules");
+    let volumes = &dep["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(named(volumes, "rules")["configMap"]["name"], "tg-tailgate-rules");
+
+    let rule = find(&r, "PrometheusRule", "tg-tailgate-journeys");
+    assert_eq!(rule["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    let alert = &rule["spec"]["groups"][0]["rules"][0];
+    assert_eq!(alert["alert"], "TailgateJourneysStuck");
+    assert_eq!(
+        alert["expr"],
+        "max by (journey, status) (tailgate_journeys_stuck) > 0"
+    );
+    let how = alert["annotations"]["description"].as_str().unwrap();
+    assert!(
+        how.contains("kubectl -n tracing exec deploy/tg-tailgate-ingester -- tailgate journey {{ $labels.journey }} --stuck"),
+        "{how}"
+    );
+
+    // Without the finder: no rules mount, no journeys config, no alerts.
+    let r = render(&[
+        "helm/tailgate/ci/servicemonitor-values.yaml",
+        "journeys:\n  finder: false\n",
+    ]);
+    assert!(manifests(&r).all(|m| m["kind"] != "PrometheusRule"));
+    let config = find(&r, "ConfigMap", "tg-tailgate-config");
+    assert!(
+        !config["data"]["ingester.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("rules_file")
+    );
+}

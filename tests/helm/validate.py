@@ -5,8 +5,8 @@
   install), and
 - every manifest against the Kubernetes OpenAPI schemas of each version given,
   strictly (unknown fields are errors), with PyPI's kubernetes-validate;
-  ServiceMonitor, a CRD those schemas lack, against the fields the Prometheus
-  Operator requires.
+  ServiceMonitor and PrometheusRule, CRDs those schemas lack, against the
+  fields the Prometheus Operator requires.
 
 Usage: validate.py SCHEMA.json RENDERED.json K8S_VERSION...
 Prints one line per problem and exits 1 if there was any.
@@ -29,6 +29,29 @@ def service_monitor_problems(obj):
     return problems
 
 
+def prometheus_rule_problems(obj):
+    groups = obj.get("spec", {}).get("groups")
+    problems = []
+    if not groups:
+        return ["spec.groups must list rule groups"]
+    for g in groups:
+        if not g.get("name"):
+            problems.append("every group needs a name")
+        for r in g.get("rules") or []:
+            if not (r.get("alert") or r.get("record")) or not isinstance(r.get("expr"), str):
+                problems.append(f"rule {r}: needs alert (or record) and expr")
+            for k, v in (r.get("labels") or {}).items():
+                if not isinstance(v, str):
+                    problems.append(f"rule {r.get('alert')}: label {k} must be a string")
+            for k, v in (r.get("annotations") or {}).items():
+                if not isinstance(v, str):
+                    problems.append(f"rule {r.get('alert')}: annotation {k} must be a string")
+    return problems
+
+
+CRD_CHECKS = {"ServiceMonitor": service_monitor_problems, "PrometheusRule": prometheus_rule_problems}
+
+
 def main():
     schema_path, rendered_path, versions = sys.argv[1], sys.argv[2], sys.argv[3:]
     with open(schema_path) as f:
@@ -44,7 +67,11 @@ def main():
         obj = m["object"]
         name = f'{m["template"]}: {obj.get("kind")}/{obj.get("metadata", {}).get("name")}'
         if obj.get("apiVersion", "").startswith("monitoring.coreos.com/"):
-            problems += [f"{name}: {p}" for p in service_monitor_problems(obj)]
+            check = CRD_CHECKS.get(obj.get("kind"))
+            if check is None:
+                problems.append(f"{name}: no check for this kind")
+            else:
+                problems += [f"{name}: {p}" for p in check(obj)]
             continue
         for version in versions:
             try:

@@ -80,6 +80,12 @@ app.kubernetes.io/component: {{ .component }}
   "rabbitmq" (dict "exchange" .Values.exchange)
   "admin" (dict "listen" "0.0.0.0:8889")
   "shutdown" (dict "grace_secs" .Values.ingester.shutdownGraceSecs) }}
+{{- if .Values.journeys.finder }}
+{{- $_ := set $managed "journeys" (dict
+  "rules_file" (printf "/etc/tailgate/rules/%s" .Values.rules.key)
+  "interval_secs" .Values.journeys.intervalSecs
+  "trace_link" .Values.journeys.traceLink) }}
+{{- end }}
 {{- toYaml (mustMergeOverwrite (deepCopy .Values.ingester.config) $managed) }}
 {{- end }}
 
