@@ -39,6 +39,97 @@ struct Args {
     /// then waits for the decisions of all of them.
     #[arg(long, value_delimiter = ',')]
     cluster_admins: Vec<String>,
+    /// The admin address of an ingester running the stuck-journey finder:
+    /// the demo then also sends three orders' journeys and waits until
+    /// order 4711 is reported stuck.
+    #[arg(long)]
+    journeys_admin: Option<String>,
+}
+
+/// The order pipeline's status changes, in order, with the service and
+/// span that make each one.
+const STEPS: [(&str, &str, &str); 5] = [
+    ("NEW", "shop-api", "POST /api/v1/orders"),
+    ("PRICE_CALCULATED", "mes-api", "calculate price"),
+    (
+        "MANUFACTURING_APPROVED",
+        "crm-api",
+        "PUT /crm/orders/{id}/approve",
+    ),
+    ("MANUFACTURING_STARTED", "mes-api", "orders.status process"),
+    ("SHIPPED", "crm-api", "PUT /crm/orders/{id}/ship"),
+];
+
+/// One trace per status change of `order`, up to `steps` of them: the root
+/// carries the order and its new status, the next span the order, and the
+/// last the queue the change went through.
+fn journey(order: &str, steps: usize, seed: u64) -> Vec<otlp::OrderSpan> {
+    let mut spans = Vec::new();
+    for (i, (status, service, name)) in STEPS[..steps].iter().enumerate() {
+        let mut trace = otlp::order_trace(otlp::trace_id(seed, i as u64), 80, None);
+        let shift = i as u64 * 10_000_000;
+        for s in &mut trace {
+            s.span.start_time_unix_nano += shift;
+            s.span.end_time_unix_nano += shift;
+            s.span.attributes = vec![otlp::kv("order.id", order)];
+        }
+        trace[0].service = *service;
+        trace[0].span.name = (*name).into();
+        trace[0]
+            .span
+            .attributes
+            .push(otlp::kv("order.status", status));
+        trace[2].span.attributes = vec![otlp::kv("messaging.destination.name", "orders.status")];
+        spans.extend(trace);
+    }
+    spans
+}
+
+/// Sends three orders' journeys and waits until the finder reports 4711.
+async fn journeys(args: &Args, ingester: &str) {
+    let seed = u64::from(std::process::id()) << 8;
+    let orders = [("4711", 2), ("4712", 5), ("4713", 3)];
+    let spans: Vec<_> = orders
+        .iter()
+        .enumerate()
+        .flat_map(|(n, (order, steps))| journey(order, *steps, seed + n as u64))
+        .collect();
+    let request = otlp::request(&spans);
+    let resp = otlp::send_http_json(&format!("{}/v1/traces", args.http), &request).await;
+    println!(
+        "\nSent the journeys of orders 4711 (NEW → PRICE_CALCULATED, then nothing), 4712 (to SHIPPED) and 4713 (to MANUFACTURING_APPROVED): {} traces, {} spans, HTTP {}",
+        orders.iter().map(|(_, s)| s).sum::<usize>(),
+        spans.len(),
+        resp.status()
+    );
+    println!(
+        "Waiting for the ingester's finder to notice an order that stopped moving (PRICE_CALCULATED is allowed 3 s)..."
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stuck = reqwest::get(format!("{ingester}/journeys/stuck?journey=order"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if stuck.contains("\"4711\"") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the finder did not report order 4711: {stuck}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let gauge = metric(
+        ingester,
+        "tailgate_journeys_stuck{journey=\"order\",status=\"PRICE_CALCULATED\"}",
+    )
+    .await;
+    println!(
+        "Order 4711 is stuck at PRICE_CALCULATED (tailgate_journeys_stuck{{journey=\"order\",status=\"PRICE_CALCULATED\"}} = {gauge}), though the sampling kept none of its traces."
+    );
 }
 
 /// Sum of a series over the nodes.
@@ -195,7 +286,14 @@ async fn main() {
     println!(
         "\nDropped {dropped_traces} routine traces ({dropped_spans} spans, counted in tailgate_spans_dropped_total{{reason=\"policy\"}})."
     );
-    println!(
-        "Why: errors and traces slower than 1 s are always kept; of the rest, a consistent 5% (adjusted count 20)."
-    );
+    if let Some(ingester) = &args.journeys_admin {
+        println!(
+            "Why: errors and traces slower than 1 s are always kept; of the rest, every trace of 1 order in 20 (adjusted count 20, the same orders on every node)."
+        );
+        journeys(&args, ingester).await;
+    } else {
+        println!(
+            "Why: errors and traces slower than 1 s are always kept; of the rest, a consistent 5% (adjusted count 20)."
+        );
+    }
 }

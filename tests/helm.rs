@@ -631,10 +631,16 @@ fn journeys_finder_and_alerts() {
     let mounts = &container(dep, "ingester")["volumeMounts"];
     assert_eq!(named(mounts, "rules")["mountPath"], "/etc/tailgate/rules");
     let volumes = &dep["spec"]["template"]["spec"]["volumes"];
-    assert_eq!(named(volumes, "rules")["configMap"]["name"], "tg-tailgate-rules");
+    assert_eq!(
+        named(volumes, "rules")["configMap"]["name"],
+        "tg-tailgate-rules"
+    );
 
     let rule = find(&r, "PrometheusRule", "tg-tailgate-journeys");
-    assert_eq!(rule["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
     let alert = &rule["spec"]["groups"][0]["rules"][0];
     assert_eq!(alert["alert"], "TailgateJourneysStuck");
     assert_eq!(

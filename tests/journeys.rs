@@ -220,9 +220,15 @@ async fn orders_are_followed_across_nodes_and_stuck_ones_found() {
     let url = format!("http://{}", ing.admin);
     let out = Tailgate::run(&["journey", "order", unseen, "--url", &url], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.starts_with(&format!("order {unseen}: PRICE_CALCULATED (STUCK), 4 events")),
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with(&format!(
+            "order {unseen}: PRICE_CALCULATED (STUCK), 4 events"
+        )),
         "{text}"
     );
     assert!(text.contains("  STUCK"), "{text}");
@@ -230,7 +236,10 @@ async fn orders_are_followed_across_nodes_and_stuck_ones_found() {
     assert!(!text.contains("kept by"), "{text}");
     let out = Tailgate::run(&["journey", "order", "--stuck", "--url", &url], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(unseen) && text.contains("PRICE_CALCULATED"), "{text}");
+    assert!(
+        text.contains(unseen) && text.contains("PRICE_CALCULATED"),
+        "{text}"
+    );
     let missing = Tailgate::run(&["journey", "order", "no-such-order", "--url", &url], &[]);
     assert!(!missing.status.success());
     assert!(
@@ -255,7 +264,8 @@ async fn orders_are_followed_across_nodes_and_stuck_ones_found() {
 /// - a rules file whose `journeys` section is broken is refused by the
 ///   gateway and by the finder, each naming the line and column, and the
 ///   journeys in force stay: events are still recorded, and the finder
-///   still counts stuck orders.
+///   still counts open orders;
+/// - a restarted ingester's finder picks up the open orders again.
 #[tokio::test(flavor = "multi_thread")]
 async fn journey_events_survive_broker_cuts_once_each() {
     let (dir, rules) = scratch("journey-cut", JOURNEY_RULES);
@@ -370,6 +380,19 @@ async fn journey_events_survive_broker_cuts_once_each() {
         ing.metric("tailgate_journeys_open", &new_orders).await,
         46.0,
         "the finder still follows the journeys in force"
+    );
+
+    // A new ingester's finder starts from the latest-state table.
+    ing.terminate();
+    std::fs::write(&rules, JOURNEY_RULES).unwrap();
+    let ing = names
+        .start(&q.exchange, &ch, &the_ingester_env(&rules))
+        .await;
+    ing.wait_metric("tailgate_journeys_checks_total", &[], 1.0)
+        .await;
+    assert_eq!(
+        ing.metric("tailgate_journeys_open", &new_orders).await,
+        46.0
     );
 
     drop((gw, ing));

@@ -63,7 +63,10 @@ fn rules_check_and_test_commands() {
     for example in [
         "sampling-rules/examples/default.yaml",
         "sampling-rules/examples/order-pipeline.yaml",
+        "sampling-rules/examples/order-journeys.yaml",
         "benches/rules/order-attributes.yaml",
+        "benches/rules/default-policy.yaml",
+        "benches/rules/default-policy-journeys.yaml",
     ] {
         let out = Command::new(BIN)
             .args(["rules", "check"])

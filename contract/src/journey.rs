@@ -33,6 +33,28 @@ pub fn routing_key(journey: &str) -> String {
     format!("journeys.{journey}")
 }
 
+/// The field numbers below, for writers that encode events without these
+/// types (the gateway encodes each event straight from a span's bytes).
+pub mod tag {
+    /// `JourneyEvents.events`.
+    pub const EVENTS: u32 = 1;
+    pub const JOURNEY: u32 = 1;
+    pub const KEY: u32 = 2;
+    pub const STATUS: u32 = 3;
+    pub const TIME: u32 = 4;
+    pub const SERVICE: u32 = 5;
+    pub const SPAN_NAME: u32 = 6;
+    pub const TRACE_ID: u32 = 7;
+    pub const SPAN_ID: u32 = 8;
+    pub const ERROR: u32 = 9;
+    pub const KEPT: u32 = 10;
+    pub const RULE: u32 = 11;
+    pub const CAPTURED: u32 = 12;
+    /// `Captured.field` and `Captured.value`.
+    pub const CAPTURED_FIELD: u32 = 1;
+    pub const CAPTURED_VALUE: u32 = 2;
+}
+
 /// A batch of events.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct JourneyEvents {
@@ -100,17 +122,8 @@ pub fn properties(
         EVENT_COUNT_HEADER.into(),
         AMQPValue::LongLongInt(i64::try_from(events).unwrap_or(i64::MAX)),
     );
-    let props = BasicProperties::default()
-        .with_content_type(ShortString::from(crate::message::CONTENT_TYPE))
+    crate::message::persistent(message_id, headers, compression, timestamp_secs)
         .with_type(ShortString::from(MESSAGE_TYPE))
-        .with_delivery_mode(2)
-        .with_message_id(ShortString::from(message_id))
-        .with_timestamp(timestamp_secs)
-        .with_headers(headers);
-    match compression.content_encoding() {
-        Some(encoding) => props.with_content_encoding(ShortString::from(encoding)),
-        None => props,
-    }
 }
 
 /// Whether a delivery's properties mark it as journey events.

@@ -97,9 +97,20 @@ pub fn properties(
         AMQPValue::LongLongInt(i64::try_from(annotations.span_count).unwrap_or(i64::MAX)),
     );
     headers.insert(header::ROOT_SERVICE.into(), text(annotations.root_service));
+    persistent(message_id, headers, compression, timestamp_secs)
+}
+
+/// What every message the gateway publishes has: persistent, protobuf,
+/// its `message_id`, the time, `headers`, and its `content_encoding`.
+pub fn persistent(
+    message_id: &str,
+    headers: FieldTable,
+    compression: Compression,
+    timestamp_secs: u64,
+) -> BasicProperties {
     let props = BasicProperties::default()
         .with_content_type(ShortString::from(CONTENT_TYPE))
-        .with_delivery_mode(2) // persistent
+        .with_delivery_mode(2)
         .with_message_id(ShortString::from(message_id))
         .with_timestamp(timestamp_secs)
         .with_headers(headers);

@@ -555,7 +555,8 @@ mod tests {
     /// give events, marked kept or not with the deciding rule. Spans without
     /// the key's name in their bytes are never decoded for it; one that
     /// holds the name only in a value is decoded and gives no event. Events
-    /// wait for the flush interval, then leave as one message.
+    /// wait for the flush interval, then leave as one message, redacted by
+    /// the rules (they leave the gateway even for dropped traces).
     #[tokio::test(start_paused = true)]
     async fn journey_events_from_every_span_before_sampling() {
         use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
@@ -572,10 +573,13 @@ mod tests {
     action: keep
   - name: rest
     action: drop
+redact:
+  values: [email]
 journeys:
   - name: order
     key: attributes.order.id
     status: attributes.order.status
+    capture: [attributes.customer]
 ",
                 "rules.yaml",
             )
@@ -595,7 +599,11 @@ journeys:
         let kept = vec![
             with(
                 error_span(1),
-                vec![attr("order.id", "A-1"), attr("order.status", "NEW")],
+                vec![
+                    attr("order.id", "A-1"),
+                    attr("order.status", "NEW"),
+                    attr("customer", "Ann <ann@example.com>"),
+                ],
             ),
             span(1, 2, Some(1)),
         ];
@@ -651,6 +659,10 @@ journeys:
             ]
         );
         assert_eq!(events[0].trace_id, vec![2; 16]);
+        assert_eq!(
+            events[1].captured[0].value, "Ann <***@***>",
+            "events are redacted as kept spans are"
+        );
         let text = metrics.encode();
         assert!(
             text.contains("tailgate_journey_spans_decoded_total 3"),

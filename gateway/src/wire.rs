@@ -25,9 +25,8 @@ impl WireError {
 /// The value of one field as it is on the wire.
 #[derive(Debug, Clone, Copy)]
 pub enum Value<'a> {
-    /// Read past, never used: no check needs a varint's value.
-    Varint,
-    Fixed64,
+    Varint(u64),
+    Fixed64(u64),
     Fixed32,
     Len(&'a [u8]),
 }
@@ -101,13 +100,12 @@ fn read_field<'a>(buf: &'a [u8], pos: &mut usize) -> Result<(u32, Value<'a>), Wi
         return Err(malformed("invalid tag value: 0"));
     }
     let value = match key & 7 {
-        0 => {
-            read_varint(buf, pos).ok_or_else(|| underflow(number))?;
-            Value::Varint
-        }
+        0 => Value::Varint(read_varint(buf, pos).ok_or_else(|| underflow(number))?),
         1 => {
-            take(buf, pos, 8, number)?;
-            Value::Fixed64
+            let bytes = take(buf, pos, 8, number)?;
+            let mut le = [0u8; 8];
+            le.copy_from_slice(bytes);
+            Value::Fixed64(u64::from_le_bytes(le))
         }
         5 => {
             take(buf, pos, 4, number)?;
@@ -315,8 +313,8 @@ impl Schema {
         };
         let wrong = || WireError(format!("invalid wire type for {}.{name}", self.name));
         match (kind, value) {
-            (Kind::Varint, Value::Varint)
-            | (Kind::Fixed64, Value::Fixed64)
+            (Kind::Varint, Value::Varint(_))
+            | (Kind::Fixed64, Value::Fixed64(_))
             | (Kind::Fixed32, Value::Fixed32)
             | (Kind::Bytes, Value::Len(_)) => Ok(()),
             (Kind::Str, Value::Len(bytes)) => std::str::from_utf8(bytes).map(drop).map_err(|_| {

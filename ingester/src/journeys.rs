@@ -156,6 +156,8 @@ struct StateRow {
     status: String,
     #[serde(rename = "Since")]
     since: (Vec<String>, Vec<i64>),
+    #[serde(rename = "T")]
+    status_time: i64,
     #[serde(rename = "F")]
     first: i64,
     #[serde(rename = "L")]
@@ -257,7 +259,7 @@ impl Finder {
             let rows = client
                 .query(&format!(
                     "SELECT Journey, Key, argMaxMerge(LastStatus) AS S, minMap(StatusSince) AS Since,
-                        toUnixTimestamp64Nano(min(FirstSeen)) AS F, toUnixTimestamp64Nano(max(LastSeen)) AS L,
+                        toUnixTimestamp64Nano(max(StatusTime)) AS T, toUnixTimestamp64Nano(min(FirstSeen)) AS F, toUnixTimestamp64Nano(max(LastSeen)) AS L,
                         max(ErrorSeen) AS E
                      FROM {} GROUP BY Journey, Key",
                     tables.journey_state
@@ -275,7 +277,7 @@ impl Finder {
                 }
                 let state = JourneyState {
                     status: row.status,
-                    status_time: row.last,
+                    status_time: row.status_time,
                     first_by_status: row.since.0.into_iter().zip(row.since.1).collect(),
                     first_seen_ns: row.first,
                     last_seen_ns: row.last,

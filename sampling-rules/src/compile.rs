@@ -343,12 +343,7 @@ impl Compiler<'_> {
     fn rule(&mut self, node: &Node) -> Option<Rule> {
         let map = self.map(node, "a rule")?;
         let entries = self.known(map, RULE_KEYS, "a rule");
-        let get = |name: &str| {
-            entries
-                .iter()
-                .find(|(k, _, _)| *k == name)
-                .map(|(_, v, _)| *v)
-        };
+        let get = |name: &str| entry(&entries, name);
         let name = match get("name") {
             Some(n) => self.string(n, "`name`"),
             None => {
@@ -803,12 +798,7 @@ impl Compiler<'_> {
     ) -> Option<(f64, Vec<SpanField>, usize)> {
         let map = self.map(node, "this action")?;
         let entries = self.known(map, &[amount, "key", "max_keys"], "this action");
-        let get = |name: &str| {
-            entries
-                .iter()
-                .find(|(k, _, _)| *k == name)
-                .map(|(_, v, _)| *v)
-        };
+        let get = |name: &str| entry(&entries, name);
         let x = match get(amount) {
             Some(v) => self.positive(v, &format!("`{amount}`")),
             None => {
@@ -900,12 +890,7 @@ impl Compiler<'_> {
     fn journey(&mut self, node: &Node) -> Option<Journey> {
         let map = self.map(node, "a journey")?;
         let entries = self.known(map, JOURNEY_KEYS, "a journey");
-        let get = |name: &str| {
-            entries
-                .iter()
-                .find(|(k, _, _)| *k == name)
-                .map(|(_, v, _)| *v)
-        };
+        let get = |name: &str| entry(&entries, name);
         let name = match get("name") {
             Some(n) => self.string(n, "a journey's `name`").and_then(|name| {
                 if name
@@ -1202,6 +1187,14 @@ impl Compiler<'_> {
         }
         r
     }
+}
+
+/// The value of key `name` among `entries` (what [`Compiler::known`] kept).
+fn entry<'a>(entries: &[(&str, &'a Node, Pos)], name: &str) -> Option<&'a Node> {
+    entries
+        .iter()
+        .find(|(k, _, _)| *k == name)
+        .map(|(_, v, _)| *v)
 }
 
 /// The last line of a regex error says what is wrong (the lines before

@@ -35,6 +35,23 @@ pub struct Journey {
     pub(crate) finder: Option<memmem::Finder<'static>>,
 }
 
+/// The span attributes a journey reads; see [`Journey::attribute_plan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttributePlan<'a> {
+    pub key: &'a str,
+    pub status: Option<&'a str>,
+    pub captures: Vec<(&'a str, &'a str)>,
+}
+
+/// A value cut to [`MAX_VALUE_BYTES`] at a character boundary.
+fn bounded_str(text: &str) -> &str {
+    let mut end = text.len().min(MAX_VALUE_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// What one span says about a journey.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JourneyFields {
@@ -46,12 +63,7 @@ pub struct JourneyFields {
 }
 
 fn bounded(value: &FieldValue<'_>) -> String {
-    let text = value.text();
-    let mut end = text.len().min(MAX_VALUE_BYTES);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
+    bounded_str(&value.text()).to_owned()
 }
 
 impl Journey {
@@ -96,6 +108,31 @@ impl Journey {
                 SpanField::Attribute(k) => Some(k.as_str()),
                 _ => None,
             })
+    }
+
+    /// How to read the journey from a span's attributes alone, when every
+    /// field it reads (key, status, captures) is a span attribute: the key's
+    /// attribute, the status's, and each capture as (name as written,
+    /// attribute). `None` when some field is not a span attribute.
+    pub fn attribute_plan(&self) -> Option<AttributePlan<'_>> {
+        fn attribute(f: &SpanField) -> Option<&str> {
+            match f {
+                SpanField::Attribute(k) => Some(k.as_str()),
+                _ => None,
+            }
+        }
+        Some(AttributePlan {
+            key: attribute(&self.key.1)?,
+            status: match &self.status {
+                Some((_, f)) => Some(attribute(f)?),
+                None => None,
+            },
+            captures: self
+                .capture
+                .iter()
+                .map(|(name, f)| Some((name.as_str(), attribute(f)?)))
+                .collect::<Option<Vec<_>>>()?,
+        })
     }
 
     /// Whether the journey reads a span's events (`event.name`).

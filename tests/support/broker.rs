@@ -232,7 +232,9 @@ impl TestQueue {
         self.channel
             .basic_publish(
                 self.exchange.as_str().into(),
-                tailgate_contract::journey::routing_key(journey).as_str().into(),
+                tailgate_contract::journey::routing_key(journey)
+                    .as_str()
+                    .into(),
                 lapin::options::BasicPublishOptions::default(),
                 body,
                 props,

@@ -127,4 +127,3 @@ pub async fn settled(nodes: &[&Gateway], traces: f64) -> usize {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-

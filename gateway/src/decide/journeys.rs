@@ -13,17 +13,23 @@ use crate::{
     metrics::Metrics,
     publish::{OutMessage, Outbox},
     trace::{Fragment, SPANS},
-    wire,
+    wire::{self, Value, len_field_size, put_len_field},
 };
-use opentelemetry_proto::tonic::trace::v1::{Span, status::StatusCode};
-use prost::Message;
+use opentelemetry_proto::tonic::{
+    common::v1::any_value,
+    resource::v1::Resource,
+    trace::v1::{Span, status::StatusCode},
+};
+use prost::{
+    Message,
+    encoding::{WireType, encode_key},
+};
 use std::{
-    collections::HashMap,
+    borrow::Cow,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
-use tailgate_contract::journey::{Captured, JourneyEvent, JourneyEvents};
-use tailgate_sampling_rules::{Journey, Rules, SpanRef, TraceId};
+use tailgate_sampling_rules::{AttributePlan, Journey, MAX_VALUE_BYTES, Rules, SpanRef, TraceId};
 use tokio::time::Instant;
 
 /// How a span's trace was decided, as its events record it.
@@ -33,18 +39,23 @@ pub struct Fate<'a> {
     pub rule: &'a str,
 }
 
-/// Events of one journey waiting to be sent.
+/// Events of one journey waiting to be sent, already encoded: the body of a
+/// `JourneyEvents` message is its events' fields one after the other.
 #[derive(Debug, Default)]
 struct Batch {
-    events: Vec<JourneyEvent>,
+    encoded: Vec<u8>,
+    events: usize,
     /// When the oldest event was recorded.
     since: Option<Instant>,
 }
 
+/// Bytes reserved per event of a new batch, so that it grows once or twice.
+const EVENT_BYTES: usize = 192;
+
 /// Batches events per journey and hands full or old batches to the outbox.
 #[derive(Debug)]
 pub struct Recorder {
-    batches: Mutex<HashMap<Arc<str>, Batch>>,
+    batches: Mutex<Vec<(Arc<str>, Batch)>>,
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
     compression: Compression,
@@ -70,12 +81,14 @@ impl Recorder {
         }
     }
 
-    fn batches(&self) -> MutexGuard<'_, HashMap<Arc<str>, Batch>> {
-        // Every critical section pushes or takes whole values: a poisoned map is intact.
+    fn batches(&self) -> MutexGuard<'_, Vec<(Arc<str>, Batch)>> {
+        // Every critical section appends whole events or takes whole
+        // batches: a poisoned lock's value is intact.
         self.batches.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records the events of a trace's spans (or late spans of it).
+    /// Records the events of a trace's spans (or late spans of it),
+    /// encoding each straight into its journey's batch.
     pub fn record(
         &self,
         rules: &Rules,
@@ -88,77 +101,43 @@ impl Recorder {
         if journeys.is_empty() {
             return;
         }
-        let wanted_attributes: Vec<&str> =
-            journeys.iter().flat_map(Journey::span_attributes).collect();
-        let reads_events = journeys.iter().any(Journey::reads_events);
-        let mut events: Vec<(usize, JourneyEvent)> = Vec::new();
-        for fragment in fragments {
-            let resource = fragment.resource.decoded.resource.as_ref();
-            let scope = fragment.scope.decoded.scope.as_ref();
-            // A resource-attribute key is in every span of the fragment or in none.
-            let resource_has_key = |j: &Journey| {
-                j.resource_attribute_key().is_some_and(|k| {
-                    resource.is_some_and(|r| r.attributes.iter().any(|kv| kv.key == k))
-                })
-            };
-            let candidates: Vec<bool> = journeys
-                .iter()
-                .map(|j| j.span_attribute_key().is_some() || resource_has_key(j))
-                .collect();
-            if !candidates.contains(&true) {
-                continue;
-            }
-            // The fragment was checked on receipt: it frames, and its spans decode.
-            for field in wire::fields(&fragment.spans).flatten() {
-                let Ok(bytes) = field.len("span") else {
-                    continue;
-                };
-                if field.number != SPANS {
-                    continue;
-                }
-                let wanted = journeys
-                    .iter()
-                    .zip(&candidates)
-                    .any(|(j, &c)| c && j.may_be_in(bytes));
-                if !wanted {
-                    continue;
-                }
-                self.metrics.journeys.decoded(1);
-                let Some(span) = lean_span(bytes, &wanted_attributes, reads_events) else {
-                    continue;
-                };
-                let at = SpanRef {
-                    resource,
-                    scope,
-                    span: &span,
-                };
-                for (i, journey) in journeys.iter().enumerate() {
-                    if !candidates[i] {
-                        continue;
-                    }
-                    if let Some(fields) = journey.event(&at) {
-                        events.push((i, event(journey, fields, &at, trace_id, fate)));
-                    }
-                }
-            }
-        }
-        if events.is_empty() {
-            return;
-        }
         let mut full = Vec::new();
         {
             let mut batches = self.batches();
-            for (i, event) in events {
-                let journey = &journeys[i];
-                self.metrics.journeys.recorded(journey.name(), 1);
-                let batch = match batches.get_mut(journey.name()) {
-                    Some(b) => b,
-                    None => batches.entry(Arc::from(journey.name())).or_default(),
-                };
-                batch.since.get_or_insert(now);
-                batch.events.push(event);
-                if batch.events.len() >= self.max_batch {
-                    full.push((Arc::from(journey.name()), std::mem::take(batch)));
+            // Journey i's batch is batches[slot[i]]; batches of journeys a
+            // reload removed stay until they are sent.
+            let slot: Vec<usize> = journeys
+                .iter()
+                .map(
+                    |j| match batches.iter().position(|(name, _)| **name == *j.name()) {
+                        Some(s) => s,
+                        None => {
+                            batches.push((Arc::from(j.name()), Batch::default()));
+                            batches.len() - 1
+                        }
+                    },
+                )
+                .collect();
+            let mut counts = vec![0u64; journeys.len()];
+            let decoded = events(rules, trace_id, fragments, fate, true, &mut |i, event| {
+                let batch = &mut batches[slot[i]].1;
+                if batch.events == 0 {
+                    batch.encoded.reserve(self.max_batch * EVENT_BYTES);
+                    batch.since = Some(now);
+                }
+                put_event(&mut batch.encoded, event);
+                batch.events += 1;
+                counts[i] += 1;
+            });
+            self.metrics.journeys.decoded(decoded);
+            for (i, journey) in journeys.iter().enumerate() {
+                if counts[i] == 0 {
+                    continue;
+                }
+                self.metrics.journeys.recorded(journey.name(), counts[i]);
+                let (name, batch) = &mut batches[slot[i]];
+                if batch.events >= self.max_batch {
+                    full.push((Arc::clone(name), std::mem::take(batch)));
                 }
             }
         }
@@ -174,7 +153,7 @@ impl Recorder {
             batches
                 .iter_mut()
                 .filter(|(_, b)| {
-                    !b.events.is_empty()
+                    b.events > 0
                         && (all
                             || b.since.is_some_and(|s| {
                                 now.saturating_duration_since(s) >= self.flush_after
@@ -190,19 +169,358 @@ impl Recorder {
 
     /// Events recorded and not yet handed to the outbox.
     pub fn pending(&self) -> usize {
-        self.batches().values().map(|b| b.events.len()).sum()
+        self.batches().iter().map(|(_, b)| b.events).sum()
     }
 
     fn send(&self, journey: Arc<str>, batch: Batch, now: Instant) {
-        let events = JourneyEvents {
-            events: batch.events,
-        };
         self.outbox.push(OutMessage::journey_events(
             journey,
-            &events,
+            batch.encoded,
+            batch.events,
             self.compression,
             batch.since.unwrap_or(now),
         ));
+    }
+}
+
+/// `service.name` of a resource, if it is a string.
+fn service_name(resource: Option<&Resource>) -> &str {
+    resource
+        .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .unwrap_or("unknown")
+}
+
+/// Hands `sink` the events of a trace's spans, with the index of their
+/// journey in the rules; returns how many spans were looked at. With
+/// `fast`, journeys that read only span attributes, under rules that redact
+/// nothing, are read from the wire without decoding anything
+/// ([`wire_span`]); the others decode the span lean.
+fn events(
+    rules: &Rules,
+    trace_id: TraceId,
+    fragments: &[Fragment],
+    fate: Fate<'_>,
+    fast: bool,
+    sink: &mut dyn FnMut(usize, &EventOut<'_>),
+) -> u64 {
+    let journeys = rules.journeys();
+    let redaction = rules.redaction();
+    let plans: Option<Vec<AttributePlan<'_>>> = if fast && redaction.is_empty() {
+        journeys.iter().map(Journey::attribute_plan).collect()
+    } else {
+        None
+    };
+    let wanted_attributes: Vec<&str> = journeys.iter().flat_map(Journey::span_attributes).collect();
+    let reads_events = journeys.iter().any(Journey::reads_events);
+    // Journeys keyed by a span attribute may be in any span; the others
+    // only under a resource that has their key.
+    let all_span_keyed = journeys.iter().all(|j| j.span_attribute_key().is_some());
+    let mut candidates: Vec<bool> = vec![true; journeys.len()];
+    let mut attributes: Vec<(&[u8], &[u8])> = Vec::with_capacity(wanted_attributes.len());
+    let mut captured: Vec<(&[u8], Cow<'_, [u8]>)> = Vec::new();
+    let mut looked_at = 0;
+    for fragment in fragments {
+        let resource = fragment.resource.decoded.resource.as_ref();
+        let scope = fragment.scope.decoded.scope.as_ref();
+        if !all_span_keyed {
+            for (c, j) in candidates.iter_mut().zip(journeys) {
+                *c = j.span_attribute_key().is_some()
+                    || j.resource_attribute_key().is_some_and(|k| {
+                        resource.is_some_and(|r| r.attributes.iter().any(|kv| kv.key == k))
+                    });
+            }
+            if !candidates.contains(&true) {
+                continue;
+            }
+        }
+        let service = service_name(resource);
+        // Events leave the gateway whatever the trace's fate: the rules'
+        // redaction applies to what they carry, as to kept spans.
+        let redacted_resource = (!redaction.is_empty()).then(|| {
+            let mut r = resource.cloned().unwrap_or_default();
+            redaction.attributes(&mut r.attributes);
+            r
+        });
+        let resource = redacted_resource.as_ref().or(resource);
+        // The fragment was checked on receipt: it frames, and its spans decode.
+        for field in wire::fields(&fragment.spans).flatten() {
+            let (SPANS, Value::Len(bytes)) = (field.number, field.value) else {
+                continue;
+            };
+            let wanted = journeys
+                .iter()
+                .zip(&candidates)
+                .any(|(j, &c)| c && j.may_be_in(bytes));
+            if !wanted {
+                continue;
+            }
+            looked_at += 1;
+            if let Some(plans) = &plans {
+                let Some(span) = wire_span(bytes, &wanted_attributes, &mut attributes) else {
+                    continue;
+                };
+                for (i, plan) in plans.iter().enumerate() {
+                    let value = |name: &str| {
+                        attributes
+                            .iter()
+                            .rev()
+                            .find(|(k, _)| *k == name.as_bytes())
+                            .and_then(|(_, v)| any_value_text(v))
+                            .map(bounded)
+                    };
+                    let Some(key) = value(plan.key).filter(|k| !k.is_empty()) else {
+                        continue;
+                    };
+                    let status = plan.status.and_then(value).unwrap_or_default();
+                    captured.clear();
+                    for (label, attribute) in &plan.captures {
+                        if let Some(v) = value(attribute) {
+                            captured.push((label.as_bytes(), v));
+                        }
+                    }
+                    sink(
+                        i,
+                        &EventOut {
+                            journey: journeys[i].name().as_bytes(),
+                            key: &key,
+                            status: &status,
+                            time: span.start,
+                            service: service.as_bytes(),
+                            span_name: span.name,
+                            trace_id: &trace_id.0,
+                            span_id: span.span_id,
+                            error: span.error,
+                            fate,
+                            captured: &captured,
+                        },
+                    );
+                }
+                continue;
+            }
+            let Some(mut span) = lean_span(bytes, &wanted_attributes, reads_events) else {
+                continue;
+            };
+            if !redaction.is_empty() {
+                redaction.attributes(&mut span.attributes);
+            }
+            let at = SpanRef {
+                resource,
+                scope,
+                span: &span,
+            };
+            for (i, journey) in journeys.iter().enumerate() {
+                if !candidates[i] {
+                    continue;
+                }
+                let Some(fields) = journey.event(&at) else {
+                    continue;
+                };
+                let captured: Vec<(&[u8], Cow<'_, [u8]>)> = fields
+                    .captured
+                    .iter()
+                    .map(|(f, v)| (f.as_bytes(), Cow::Borrowed(v.as_bytes())))
+                    .collect();
+                sink(
+                    i,
+                    &EventOut {
+                        journey: journey.name().as_bytes(),
+                        key: fields.key.as_bytes(),
+                        status: fields.status.as_bytes(),
+                        time: span.start_time_unix_nano,
+                        service: at.service_name().unwrap_or("unknown").as_bytes(),
+                        span_name: span.name.as_bytes(),
+                        trace_id: &trace_id.0,
+                        span_id: &span.span_id,
+                        error: span
+                            .status
+                            .as_ref()
+                            .is_some_and(|s| s.code == StatusCode::Error as i32),
+                        fate,
+                        captured: &captured,
+                    },
+                );
+            }
+        }
+    }
+    looked_at
+}
+
+/// A value cut to [`tailgate_sampling_rules::MAX_VALUE_BYTES`] at a UTF-8
+/// character boundary (the bytes were checked to be UTF-8 on receipt).
+fn bounded(text: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
+    let mut end = text.len().min(MAX_VALUE_BYTES);
+    // A continuation byte is 0b10xx_xxxx: back off to a character's start.
+    while end < text.len() && end > 0 && text[end] & 0xC0 == 0x80 {
+        end -= 1;
+    }
+    match text {
+        Cow::Borrowed(s) => Cow::Borrowed(&s[..end]),
+        Cow::Owned(mut s) => {
+            s.truncate(end);
+            Cow::Owned(s)
+        }
+    }
+}
+
+/// What a span's wire bytes say, without decoding: its ID, name, start,
+/// and whether it failed.
+struct WireSpan<'a> {
+    span_id: &'a [u8],
+    name: &'a [u8],
+    start: u64,
+    error: bool,
+}
+
+/// Reads a span's [`WireSpan`], and in `attributes` the key and encoded
+/// value of each attribute named in `wanted`. Strings stay bytes: they
+/// were checked to be UTF-8 on receipt, and go out as they came in.
+fn wire_span<'a>(
+    bytes: &'a [u8],
+    wanted: &[&str],
+    attributes: &mut Vec<(&'a [u8], &'a [u8])>,
+) -> Option<WireSpan<'a>> {
+    attributes.clear();
+    let mut span = WireSpan {
+        span_id: &[],
+        name: &[],
+        start: 0,
+        error: false,
+    };
+    for field in wire::fields(bytes) {
+        let f = field.ok()?;
+        match (f.number, f.value) {
+            (SPAN_ID, Value::Len(b)) => span.span_id = b,
+            (NAME, Value::Len(b)) => span.name = b,
+            (START, Value::Fixed64(t)) => span.start = t,
+            (STATUS, Value::Len(b)) => {
+                for s in wire::fields(b).flatten() {
+                    if let (STATUS_CODE, Value::Varint(code)) = (s.number, s.value) {
+                        span.error = code == StatusCode::Error as u64;
+                    }
+                }
+            }
+            (ATTRIBUTES, Value::Len(kv)) => {
+                let mut key: &[u8] = &[];
+                let mut value: &[u8] = &[];
+                for part in wire::fields(kv).flatten() {
+                    match (part.number, part.value) {
+                        (KEY, Value::Len(k)) => key = k,
+                        (VALUE, Value::Len(v)) => value = v,
+                        _ => {}
+                    }
+                }
+                if wanted.iter().any(|w| w.as_bytes() == key) {
+                    attributes.push((key, value));
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(span)
+}
+
+/// An encoded `AnyValue` as the rules read it as text: scalars only.
+fn any_value_text(bytes: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut text = None;
+    // A oneof's last field wins, as in prost.
+    for field in wire::fields(bytes).flatten() {
+        text = match (field.number, field.value) {
+            (1, Value::Len(s)) => Some(Cow::Borrowed(s)),
+            (2, Value::Varint(b)) => Some(Cow::Owned((b != 0).to_string().into_bytes())),
+            #[allow(clippy::cast_possible_wrap)]
+            (3, Value::Varint(i)) => Some(Cow::Owned((i as i64).to_string().into_bytes())),
+            (4, Value::Fixed64(bits)) => {
+                Some(Cow::Owned(f64::from_bits(bits).to_string().into_bytes()))
+            }
+            (5..=7, _) => None,
+            _ => continue,
+        };
+    }
+    text
+}
+
+/// One event, borrowed, for [`put_event`]; text as UTF-8 bytes.
+struct EventOut<'a> {
+    journey: &'a [u8],
+    key: &'a [u8],
+    status: &'a [u8],
+    time: u64,
+    service: &'a [u8],
+    span_name: &'a [u8],
+    trace_id: &'a [u8],
+    span_id: &'a [u8],
+    error: bool,
+    fate: Fate<'a>,
+    captured: &'a [(&'a [u8], Cow<'a, [u8]>)],
+}
+
+fn bytes_len(tag: u32, b: &[u8]) -> usize {
+    if b.is_empty() {
+        0
+    } else {
+        len_field_size(tag, b.len())
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, tag: u32, b: &[u8]) {
+    if !b.is_empty() {
+        put_len_field(out, tag, b.len());
+        out.extend_from_slice(b);
+    }
+}
+
+fn put_bool(out: &mut Vec<u8>, tag: u32, b: bool) {
+    if b {
+        encode_key(tag, WireType::Varint, out);
+        out.push(1);
+    }
+}
+
+/// Appends one `JourneyEvents.events` field, encoded as prost encodes
+/// `tailgate_contract::journey::JourneyEvent` (its tests decode it so).
+fn put_event(out: &mut Vec<u8>, e: &EventOut<'_>) {
+    use tailgate_contract::journey::tag;
+    let captured_len = |(f, v): &(&[u8], Cow<'_, [u8]>)| {
+        bytes_len(tag::CAPTURED_FIELD, f) + bytes_len(tag::CAPTURED_VALUE, v)
+    };
+    let len = bytes_len(tag::JOURNEY, e.journey)
+        + bytes_len(tag::KEY, e.key)
+        + bytes_len(tag::STATUS, e.status)
+        + if e.time == 0 { 0 } else { 1 + 8 }
+        + bytes_len(tag::SERVICE, e.service)
+        + bytes_len(tag::SPAN_NAME, e.span_name)
+        + bytes_len(tag::TRACE_ID, e.trace_id)
+        + bytes_len(tag::SPAN_ID, e.span_id)
+        + 2 * usize::from(e.error)
+        + 2 * usize::from(e.fate.kept)
+        + bytes_len(tag::RULE, e.fate.rule.as_bytes())
+        + e.captured
+            .iter()
+            .map(|c| len_field_size(tag::CAPTURED, captured_len(c)))
+            .sum::<usize>();
+    put_len_field(out, tag::EVENTS, len);
+    put_bytes(out, tag::JOURNEY, e.journey);
+    put_bytes(out, tag::KEY, e.key);
+    put_bytes(out, tag::STATUS, e.status);
+    if e.time != 0 {
+        encode_key(tag::TIME, WireType::SixtyFourBit, out);
+        out.extend_from_slice(&e.time.to_le_bytes());
+    }
+    put_bytes(out, tag::SERVICE, e.service);
+    put_bytes(out, tag::SPAN_NAME, e.span_name);
+    put_bytes(out, tag::TRACE_ID, e.trace_id);
+    put_bytes(out, tag::SPAN_ID, e.span_id);
+    put_bool(out, tag::ERROR, e.error);
+    put_bool(out, tag::KEPT, e.fate.kept);
+    put_bytes(out, tag::RULE, e.fate.rule.as_bytes());
+    for c in e.captured {
+        put_len_field(out, tag::CAPTURED, captured_len(c));
+        put_bytes(out, tag::CAPTURED_FIELD, c.0);
+        put_bytes(out, tag::CAPTURED_VALUE, &c.1);
     }
 }
 
@@ -215,8 +533,11 @@ const START: u32 = 7;
 const END: u32 = 8;
 const ATTRIBUTES: u32 = 9;
 const STATUS: u32 = 15;
-/// `KeyValue.key`.
+/// `Status.code`.
+const STATUS_CODE: u32 = 3;
+/// `KeyValue.key` and `KeyValue.value`.
 const KEY: u32 = 1;
+const VALUE: u32 = 2;
 
 /// The span with only what journeys read: its ID, name, kind, times,
 /// status, trace state, and the attributes in `wanted`. Events, links and
@@ -249,37 +570,6 @@ fn lean_span(bytes: &[u8], wanted: &[&str], with_events: bool) -> Option<Span> {
     Span::decode(lean.as_slice()).ok()
 }
 
-fn event(
-    journey: &Journey,
-    fields: tailgate_sampling_rules::JourneyFields,
-    at: &SpanRef<'_>,
-    trace_id: TraceId,
-    fate: Fate<'_>,
-) -> JourneyEvent {
-    let span = at.span;
-    JourneyEvent {
-        journey: journey.name().to_owned(),
-        key: fields.key,
-        status: fields.status,
-        time_unix_nano: span.start_time_unix_nano,
-        service: at.service_name().unwrap_or("unknown").to_owned(),
-        span_name: span.name.clone(),
-        trace_id: trace_id.0.to_vec(),
-        span_id: span.span_id.clone(),
-        error: span
-            .status
-            .as_ref()
-            .is_some_and(|s| s.code == StatusCode::Error as i32),
-        kept: fate.kept,
-        rule: fate.rule.to_owned(),
-        captured: fields
-            .captured
-            .into_iter()
-            .map(|(field, value)| Captured { field, value })
-            .collect(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +577,7 @@ mod tests {
         common::v1::{AnyValue, KeyValue, any_value::Value},
         trace::v1::{Status, span::Event},
     };
+    use tailgate_sampling_rules::Rules;
 
     fn kv(k: &str, v: &str) -> KeyValue {
         KeyValue {
@@ -296,6 +587,102 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// Reading journeys straight from the wire gives exactly the events the
+    /// decoding path gives: string and integer keys, statuses, captures, the
+    /// error flag, and no event for a span without the key (or with its
+    /// name only in a value). Decoded, they are what the spans said.
+    #[test]
+    fn the_wire_path_agrees_with_decoding() {
+        use crate::route::tests::{request, span, split_request};
+        use tailgate_contract::journey::JourneyEvents;
+        let rules = Rules::from_yaml(
+            "rules:\n  - name: all\n    action: keep\njourneys:\n  - name: order\n    key: attributes.order.id\n    status: attributes.order.status\n    capture: [attributes.queue, attributes.attempt]\n",
+            "r.yaml",
+        )
+        .unwrap();
+        let with = |mut s: Span, attrs: Vec<KeyValue>| {
+            s.attributes = attrs;
+            s
+        };
+        let int = |k: &str, i: i64| KeyValue {
+            key: k.into(),
+            value: Some(AnyValue {
+                value: Some(Value::IntValue(i)),
+            }),
+            ..Default::default()
+        };
+        let mut failed = with(
+            span(1, 2, Some(1)),
+            vec![
+                int("order.id", 4711),
+                kv("queue", "orders"),
+                int("attempt", 2),
+            ],
+        );
+        failed.status = Some(Status {
+            code: StatusCode::Error as i32,
+            message: "boom".into(),
+        });
+        failed.start_time_unix_nano = 77;
+        let spans = vec![
+            with(
+                span(1, 1, None),
+                vec![
+                    kv("x", "y"),
+                    kv("order.id", "A-1"),
+                    kv("order.status", "NEW"),
+                ],
+            ),
+            failed,
+            with(span(1, 3, Some(1)), vec![kv("note", "order.id")]),
+            span(1, 4, Some(1)),
+        ];
+        let routed = split_request(&request(vec![("crm-api", spans)]));
+        let fragments = &routed.batches[0].fragments;
+        let fate = Fate {
+            kept: true,
+            rule: "all",
+        };
+        let id = TraceId([1; 16]);
+        let encode = |fast| {
+            let mut out = Vec::new();
+            let looked_at = events(&rules, id, fragments, fate, fast, &mut |_, e| {
+                put_event(&mut out, e);
+            });
+            (looked_at, out)
+        };
+        let (fast, slow) = (encode(true), encode(false));
+        assert_eq!(
+            fast.0, 3,
+            "the span without the key's name is not looked at"
+        );
+        assert_eq!(fast, slow);
+        let decoded = JourneyEvents::decode(fast.1.as_slice()).unwrap().events;
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(
+            (decoded[0].key.as_str(), decoded[0].status.as_str()),
+            ("A-1", "NEW")
+        );
+        assert_eq!((decoded[1].key.as_str(), decoded[1].error), ("4711", true));
+        assert_eq!(decoded[1].time_unix_nano, 77);
+        assert_eq!(decoded[1].service, "crm-api");
+        assert_eq!(decoded[1].span_id, vec![2; 8]);
+        let captured: Vec<(&str, &str)> = decoded[1]
+            .captured
+            .iter()
+            .map(|c| (c.field.as_str(), c.value.as_str()))
+            .collect();
+        assert_eq!(
+            captured,
+            [("attributes.queue", "orders"), ("attributes.attempt", "2")]
+        );
+        assert!(
+            decoded
+                .iter()
+                .all(|e| e.kept && e.rule == "all" && e.trace_id == vec![1; 16])
+        );
     }
 
     /// The lean decode keeps what journeys read, exactly as a full decode

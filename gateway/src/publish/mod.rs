@@ -19,11 +19,7 @@ use std::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
-use tailgate_contract::{
-    compression::Compression,
-    journey::{self, JourneyEvents},
-    message::routing_key,
-};
+use tailgate_contract::{compression::Compression, journey, message::routing_key};
 use tailgate_sampling_rules::{Kept, TraceId};
 use tokio::{sync::Notify, time::Instant};
 
@@ -96,15 +92,17 @@ impl OutMessage {
         }
     }
 
-    /// A batch of one journey's events.
+    /// A batch of one journey's events: `encoded` is a `JourneyEvents`
+    /// message holding `events` events.
     pub fn journey_events(
         journey: Arc<str>,
-        batch: &JourneyEvents,
+        encoded: Vec<u8>,
+        events: usize,
         compression: Compression,
         received_at: Instant,
     ) -> Self {
         let (prefix, n) = next_message_number();
-        let (compression, body) = compression.compress(batch.encode_to_vec());
+        let (compression, body) = compression.compress(encoded);
         Self {
             id: format!("journey-{journey}-{prefix:016x}-{n}"),
             routing_key: journey::routing_key(&journey),
@@ -112,10 +110,7 @@ impl OutMessage {
             compression,
             span_count: 0,
             received_at,
-            content: Content::JourneyEvents {
-                journey,
-                events: batch.events.len(),
-            },
+            content: Content::JourneyEvents { journey, events },
         }
     }
 
