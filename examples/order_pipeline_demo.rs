@@ -60,17 +60,18 @@ const STEPS: [(&str, &str, &str); 5] = [
     ("SHIPPED", "crm-api", "PUT /crm/orders/{id}/ship"),
 ];
 
-/// One trace per status change of `order`, up to `steps` of them: the root
-/// carries the order and its new status, the next span the order, and the
-/// last the queue the change went through.
+/// One trace per status change of `order`, up to `steps` of them, a
+/// minute apart and the last a minute ago: the root carries the order and
+/// its new status, the next span the order, and the last the queue the
+/// change went through.
 fn journey(order: &str, steps: usize, seed: u64) -> Vec<otlp::OrderSpan> {
     let mut spans = Vec::new();
     for (i, (status, service, name)) in STEPS[..steps].iter().enumerate() {
         let mut trace = otlp::order_trace(otlp::trace_id(seed, i as u64), 80, None);
-        let shift = i as u64 * 10_000_000;
+        let back = (steps - i) as u64 * 60_000_000_000;
         for s in &mut trace {
-            s.span.start_time_unix_nano += shift;
-            s.span.end_time_unix_nano += shift;
+            s.span.start_time_unix_nano -= back;
+            s.span.end_time_unix_nano -= back;
             s.span.attributes = vec![otlp::kv("order.id", order)];
         }
         trace[0].service = *service;
@@ -97,36 +98,28 @@ async fn journeys(args: &Args, ingester: &str) {
     let request = otlp::request(&spans);
     let resp = otlp::send_http_json(&format!("{}/v1/traces", args.http), &request).await;
     println!(
-        "\nSent the journeys of orders 4711 (NEW → PRICE_CALCULATED, then nothing), 4712 (to SHIPPED) and 4713 (to MANUFACTURING_APPROVED): {} traces, {} spans, HTTP {}",
+        "\nSent the journeys of orders 4711 (NEW, then PRICE_CALCULATED a minute ago, then nothing), 4712 (to SHIPPED) and 4713 (to MANUFACTURING_APPROVED), a minute a step: {} traces, {} spans, HTTP {}",
         orders.iter().map(|(_, s)| s).sum::<usize>(),
         spans.len(),
         resp.status()
     );
     println!(
-        "Waiting for the ingester's finder to notice an order that stopped moving (PRICE_CALCULATED is allowed 3 s)..."
+        "Waiting for the ingester's finder to notice an order that stopped moving (PRICE_CALCULATED is allowed 30 s here)..."
     );
+    // The gauge is set at each look of the finder (every second here).
+    let series = "tailgate_journeys_stuck{journey=\"order\",status=\"PRICE_CALCULATED\"}";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let stuck = reqwest::get(format!("{ingester}/journeys/stuck?journey=order"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if stuck.contains("\"4711\"") {
-            break;
+    let gauge = loop {
+        let gauge = metric(ingester, series).await;
+        if gauge >= 1.0 {
+            break gauge;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the finder did not report order 4711: {stuck}"
+            "the finder did not report order 4711"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let gauge = metric(
-        ingester,
-        "tailgate_journeys_stuck{journey=\"order\",status=\"PRICE_CALCULATED\"}",
-    )
-    .await;
+    };
     println!(
         "Order 4711 is stuck at PRICE_CALCULATED (tailgate_journeys_stuck{{journey=\"order\",status=\"PRICE_CALCULATED\"}} = {gauge}), though the sampling kept none of its traces."
     );
