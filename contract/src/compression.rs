@@ -97,18 +97,25 @@ impl Compression {
     /// not, short of running out of memory), the body goes as it is
     /// rather than not at all.
     pub fn compress(self, body: Vec<u8>) -> (Self, Vec<u8>) {
-        let compressed = match self {
-            Self::None => return (self, body),
-            Self::Lz4 => lz4(&body),
+        match self.compressed(&body) {
+            Some(c) => (self, c),
+            None => (Self::None, body),
+        }
+    }
+
+    /// A compressed copy of `body`, leaving `body` to its owner (a buffer
+    /// that is used again); `None` when this is `None`, or compression
+    /// failed: then `body` goes as it is.
+    pub fn compressed(self, body: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            Self::None => None,
+            Self::Lz4 => lz4(body).ok(),
             Self::Zstd => with_context(
                 &ZSTD,
                 || zstd::bulk::Compressor::new(ZSTD_LEVEL),
-                |c| c.compress(&body),
-            ),
-        };
-        match compressed {
-            Ok(c) => (self, c),
-            Err(_) => (Self::None, body),
+                |c| c.compress(body),
+            )
+            .ok(),
         }
     }
 

@@ -92,17 +92,16 @@ impl OutMessage {
         }
     }
 
-    /// A batch of one journey's events: `encoded` is a `JourneyEvents`
-    /// message holding `events` events.
+    /// A batch of one journey's events: `body` is a `JourneyEvents`
+    /// message holding `events` events, compressed as `compression` says.
     pub fn journey_events(
         journey: Arc<str>,
-        encoded: Vec<u8>,
-        events: usize,
+        body: Vec<u8>,
         compression: Compression,
+        events: usize,
         received_at: Instant,
     ) -> Self {
         let (prefix, n) = next_message_number();
-        let (compression, body) = compression.compress(encoded);
         Self {
             id: format!("journey-{journey}-{prefix:016x}-{n}"),
             routing_key: journey::routing_key(&journey),
