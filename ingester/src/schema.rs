@@ -181,17 +181,22 @@ TTL Inserted + toIntervalDay({dedup_days})
 SETTINGS non_replicated_deduplication_window = 10000",
             ids = t.message_ids,
         ),
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {ids}_mv TO {ids} AS
-SELECT MessageId FROM {spans} GROUP BY MessageId",
-            ids = t.message_ids,
-            spans = t.spans,
-        ),
+        message_ids_view(&t, "mv", &t.spans),
         format!("ALTER TABLE {} MODIFY TTL {}", t.spans, spans_ttl(r)),
         format!("ALTER TABLE {} MODIFY TTL {}", t.trace_ids, trace_ids_ttl(r)),
     ];
     out.extend(journey_statements(cfg, &t));
     out
+}
+
+/// The view `<message_ids>_<suffix>` that records the message IDs of the
+/// rows inserted into `source`, for the duplicate check.
+fn message_ids_view(t: &Tables, suffix: &str, source: &str) -> String {
+    format!(
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {ids}_{suffix} TO {ids} AS
+SELECT MessageId FROM {source} GROUP BY MessageId",
+        ids = t.message_ids,
+    )
 }
 
 /// `TTL` of the events table: by the day rows arrived, whole parts at a time.
@@ -275,12 +280,7 @@ FROM {events} GROUP BY Journey, Key",
             state = t.journey_state,
             events = t.journey_events,
         ),
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {ids}_journeys_mv TO {ids} AS
-SELECT MessageId FROM {events} GROUP BY MessageId",
-            ids = t.message_ids,
-            events = t.journey_events,
-        ),
+        message_ids_view(t, "journeys_mv", &t.journey_events),
         format!("ALTER TABLE {} MODIFY TTL {}", t.journey_events, events_ttl(cfg)),
         format!("ALTER TABLE {} MODIFY TTL {}", t.journey_state, state_ttl(cfg)),
     ]
