@@ -367,8 +367,8 @@ async fn journey_events_survive_broker_cuts_once_each() {
         .await;
     ing.wait_metric("tailgate_journeys_rules_reload_failures_total", &[], 1.0)
         .await;
-    assert!(gw.logs().contains("rules.yaml:9:10"), "{}", gw.logs());
-    assert!(ing.logs().contains("rules.yaml:9:10"), "{}", ing.logs());
+    gw.wait_log("rules.yaml:9:10").await;
+    ing.wait_log("rules.yaml:9:10").await;
     send(40, 5).await;
     recorded(90.0).await;
     gw.wait_metric("tailgate_journey_events_published_total", &[], 90.0)

@@ -118,6 +118,8 @@ pub struct Finder {
     rules_file: Option<std::path::PathBuf>,
     rules: Mutex<Option<(String, Arc<Rules>)>>,
     tracked: Mutex<Tracked>,
+    /// Labels the gauges have now.
+    shown: Mutex<Vec<JourneyStatus>>,
     trace_link: Option<String>,
     interval: Duration,
 }
@@ -209,6 +211,7 @@ impl Finder {
             rules_file: cfg.journeys.rules_file.clone(),
             rules: Mutex::new(None),
             tracked: Mutex::default(),
+            shown: Mutex::default(),
             trace_link: cfg.journeys.trace_link.clone(),
             interval: cfg.journeys.interval,
         }
@@ -239,8 +242,8 @@ impl Finder {
                 Some(rules)
             }
             Err(e) => {
-                self.metrics.journeys.rules_reload_failures.inc();
                 error!(error = %e, "invalid rules file refused; the previous journeys stay in force");
+                self.metrics.journeys.rules_reload_failures.inc();
                 current.map(|(_, r)| r)
             }
         }
@@ -326,13 +329,16 @@ impl Finder {
         Ok(())
     }
 
+    /// Sets the gauges from the journeys held. The new values are counted
+    /// first and then set, and only labels that no longer apply are
+    /// removed: a scrape in between never sees a gauge drop to nothing (an
+    /// alert would resolve and fire again).
     fn set_gauges(&self, rules: &Rules, t: &Tracked, now: i64) {
         let m = &self.metrics.journeys;
-        m.stuck.clear();
-        m.oldest_stuck_seconds.clear();
-        m.open.clear();
         m.tracked
             .set(i64::try_from(t.journeys.len()).unwrap_or(i64::MAX));
+        // (open, stuck, oldest stuck in seconds) by journey and status.
+        let mut counts: HashMap<JourneyStatus, (i64, i64, i64)> = HashMap::new();
         for ((name, _), state) in &t.journeys {
             let Some(journey) = rules.journeys().iter().find(|j| j.name() == name) else {
                 continue;
@@ -340,11 +346,13 @@ impl Finder {
             if journey.is_terminal(&state.status) {
                 continue;
             }
-            let label = JourneyStatus {
-                journey: name.clone(),
-                status: state.status.clone(),
-            };
-            m.open.get_or_create(&label).inc();
+            let c = counts
+                .entry(JourneyStatus {
+                    journey: name.clone(),
+                    status: state.status.clone(),
+                })
+                .or_default();
+            c.0 += 1;
             // Journeys already this old in their status are stuck.
             let age = Duration::from_nanos(
                 u64::try_from(now.saturating_sub(state.since_ns())).unwrap_or(0),
@@ -353,14 +361,27 @@ impl Finder {
                 .max_time_in(&state.status)
                 .is_some_and(|max| age > max)
             {
-                m.stuck.get_or_create(&label).inc();
-                let oldest = m.oldest_stuck_seconds.get_or_create(&label);
-                let secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
-                if secs > oldest.get() {
-                    oldest.set(secs);
-                }
+                c.1 += 1;
+                c.2 = c.2.max(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
             }
         }
+        let mut shown = lock(&self.shown);
+        for label in shown.iter().filter(|l| !counts.contains_key(*l)) {
+            m.open.remove(label);
+            m.stuck.remove(label);
+            m.oldest_stuck_seconds.remove(label);
+        }
+        for (label, (open, stuck, oldest)) in &counts {
+            m.open.get_or_create(label).set(*open);
+            if *stuck > 0 {
+                m.stuck.get_or_create(label).set(*stuck);
+                m.oldest_stuck_seconds.get_or_create(label).set(*oldest);
+            } else {
+                m.stuck.remove(label);
+                m.oldest_stuck_seconds.remove(label);
+            }
+        }
+        *shown = counts.into_keys().collect();
     }
 
     /// Stuck journeys, oldest first (at most [`MAX_LISTED`]).

@@ -219,6 +219,18 @@ impl Tailgate {
         .await;
     }
 
+    /// Waits until the process has logged a line containing `needle` (its
+    /// standard error is read by a thread of its own, so a line can trail
+    /// the metric that counts what it reports).
+    pub async fn wait_log(&self, needle: &str) {
+        self.poll(
+            &format!("a log line with {needle:?}"),
+            async || self.logs().contains(needle),
+            |found| *found,
+        )
+        .await;
+    }
+
     /// Polls `/readyz` until it answers 200.
     pub async fn wait_ready(&self) {
         self.poll(
