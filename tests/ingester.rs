@@ -629,6 +629,57 @@ async fn poison_messages_are_dead_lettered() {
     q.delete().await;
 }
 
+/// Secrets from files, as a mounted Kubernetes Secret gives them: the
+/// broker URL from `rabbitmq.url_file` and the ClickHouse password from
+/// `clickhouse.password_file` are in force, and `--check-config` shows
+/// neither; a file that cannot be read is named in the error, its content
+/// never.
+#[test]
+fn secrets_come_from_files() {
+    let dir = std::env::temp_dir().join(support::unique("secret-files"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = dir.join("rabbitmq-url");
+    std::fs::write(&url, "amqp://tg:swordfish@rabbit-from-file:5672/%2f\n").unwrap();
+    let password = dir.join("clickhouse-password");
+    std::fs::write(&password, "hunter2\n").unwrap();
+    let (url, password) = (url.display().to_string(), password.display().to_string());
+    let out = Tailgate::run(
+        &["ingester", "--check-config"],
+        &[
+            ("TAILGATE_RABBITMQ__URL_FILE", url.as_str()),
+            ("TAILGATE_CLICKHOUSE__PASSWORD_FILE", password.as_str()),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("amqp://tg:<redacted>@rabbit-from-file:5672/%2f"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("password: <redacted>"), "{stdout}");
+    assert!(
+        !stdout.contains("hunter2") && !stdout.contains("swordfish"),
+        "{stdout}"
+    );
+
+    let missing = dir.join("nope").display().to_string();
+    let out = Tailgate::run(
+        &["ingester", "--check-config"],
+        &[("TAILGATE_CLICKHOUSE__PASSWORD_FILE", missing.as_str())],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("clickhouse.password_file") && stderr.contains(&missing),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// `tailgate ingester --check-config` prints the settings in force without
 /// the ClickHouse password or the broker URL's password.
 #[test]

@@ -4,6 +4,7 @@
 //! The gateway publishes to the exchange and the ingester binds its queue
 //! to it; each declares it the same way, so either may start first.
 
+use crate::config::Problems;
 use lapin::{
     Channel, Connection, ConnectionProperties, ExchangeKind,
     options::{ConfirmSelectOptions, ExchangeDeclareOptions},
@@ -28,6 +29,25 @@ impl AmqpConfig {
     pub fn parse(url: &str) -> Result<Self, String> {
         let uri = AMQPUri::from_str(url)?;
         Ok(Self { uri })
+    }
+
+    /// The broker from `rabbitmq.url`, or from the file `rabbitmq.url_file`
+    /// names when it is set; a problem otherwise. A URL read from a file
+    /// is a secret: its problem does not quote it.
+    pub fn checked(p: &mut Problems, url: &str, url_file: &str) -> Self {
+        match p.secret_file("rabbitmq.url_file", url_file) {
+            Some(secret) => Self::parse(secret.expose()).unwrap_or_else(|_| {
+                p.add(
+                    "rabbitmq.url_file",
+                    format!("{url_file} does not hold a valid AMQP URL"),
+                );
+                Self::default()
+            }),
+            None if !url_file.is_empty() => Self::default(),
+            None => p
+                .check("rabbitmq.url", Self::parse(url))
+                .unwrap_or_default(),
+        }
     }
 
     /// Opens a connection that names itself `name` in the broker's UI.
@@ -94,6 +114,35 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert_eq!(shown, "\"amqp://tailgate:<redacted>@rabbit:5672/%2f\"");
+    }
+
+    /// `rabbitmq.url_file` wins over `rabbitmq.url`, without its trailing
+    /// line break; a missing file or one that holds no AMQP URL is a
+    /// problem of that key that names the file and never quotes it.
+    #[test]
+    fn the_url_can_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("tailgate-url-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("url");
+        std::fs::write(&good, "amqp://tg:s3cret@rabbit:5672/%2f\n").unwrap();
+        let bad = dir.join("bad");
+        std::fs::write(&bad, "http://tg:s3cret@rabbit\n").unwrap();
+        let path = |p: &std::path::Path| p.display().to_string();
+
+        let mut p = Problems::default();
+        let c = AmqpConfig::checked(&mut p, "amqp://guest:guest@localhost/%2f", &path(&good));
+        assert_eq!(format!("{p:?}"), "Problems([])");
+        assert_eq!(format!("{c:?}"), "\"amqp://tg:<redacted>@rabbit:5672/%2f\"");
+
+        for file in [bad, dir.join("missing")] {
+            let mut p = Problems::default();
+            AmqpConfig::checked(&mut p, "amqp://guest:guest@localhost/%2f", &path(&file));
+            let problems = format!("{p:?}");
+            assert!(problems.contains("rabbitmq.url_file"), "{problems}");
+            assert!(problems.contains(&path(&file)), "{problems}");
+            assert!(!problems.contains("s3cret"), "{problems}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// A URL that is not an AMQP URL is refused with the reason.

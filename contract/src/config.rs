@@ -220,6 +220,23 @@ impl Problems {
         r.map_err(|e| self.add(key, e.to_string())).ok()
     }
 
+    /// The secret in the file at `path` (a mounted Kubernetes Secret, say),
+    /// without its trailing line break; `None` when `path` is empty, or
+    /// with `key`'s problem when the file cannot be read. The problem names
+    /// the file, never its content.
+    pub fn secret_file(&mut self, key: &'static str, path: &str) -> Option<Secret> {
+        if path.is_empty() {
+            return None;
+        }
+        match std::fs::read_to_string(path) {
+            Ok(text) => Some(Secret::new(text.trim_end_matches(['\n', '\r']))),
+            Err(e) => {
+                self.add(key, format!("cannot read {path}: {e}"));
+                None
+            }
+        }
+    }
+
     /// A duration in seconds, zero or more.
     pub fn secs(&mut self, key: &'static str, value: f64) -> Duration {
         Duration::try_from_secs_f64(value).unwrap_or_else(|_| {

@@ -225,6 +225,9 @@ impl Default for RawJourneys {
 pub struct RawRabbitmq {
     /// AMQP URI; the virtual host is URL-encoded (`%2f` is `/`).
     pub url: String,
+    /// A file holding the AMQP URI (a mounted Secret); when set, it is
+    /// used instead of `url`.
+    pub url_file: String,
     /// Durable topic exchange that kept traces are published to.
     pub exchange: String,
     /// Bound on kept traces waiting for a publisher confirm.
@@ -247,6 +250,7 @@ impl Default for RawRabbitmq {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url_file: String::new(),
             exchange: "tailgate.traces".into(),
             outbox_max_bytes: 256 << 20,
             max_in_flight: 4096,
@@ -510,9 +514,7 @@ impl Validate for RawRabbitmq {
             );
         }
         Rabbitmq {
-            amqp: p
-                .check("rabbitmq.url", AmqpConfig::parse(&self.url))
-                .unwrap_or_default(),
+            amqp: AmqpConfig::checked(p, &self.url, &self.url_file),
             exchange: self.exchange.clone(),
             outbox_max_bytes: p.nonzero("rabbitmq.outbox_max_bytes", self.outbox_max_bytes),
             max_in_flight: p.nonzero("rabbitmq.max_in_flight", self.max_in_flight),

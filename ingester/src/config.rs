@@ -99,6 +99,9 @@ impl Validate for RawJourneys {
 #[serde(deny_unknown_fields, default)]
 pub struct RawRabbitmq {
     pub url: String,
+    /// A file holding the AMQP URI (a mounted Secret); when set, it is
+    /// used instead of `url`.
+    pub url_file: String,
     /// The gateway's topic exchange.
     pub exchange: String,
     /// Durable quorum queue the ingester consumes.
@@ -120,6 +123,7 @@ impl Default for RawRabbitmq {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url_file: String::new(),
             exchange: "tailgate.traces".into(),
             queue: "tailgate.ingest".into(),
             binding_key: tailgate_contract::message::ALL_TRACES.into(),
@@ -140,6 +144,9 @@ pub struct RawClickhouse {
     pub url: String,
     pub user: String,
     pub password: String,
+    /// A file holding the password (a mounted Secret); when set, it is
+    /// used instead of `password`.
+    pub password_file: String,
     pub database: String,
     /// Spans table; the trace lookup table and message-ID table take it as prefix.
     pub table: String,
@@ -157,6 +164,7 @@ impl Default for RawClickhouse {
             url: "http://127.0.0.1:8123".into(),
             user: "default".into(),
             password: String::new(),
+            password_file: String::new(),
             database: "tailgate".into(),
             table: "otel_traces".into(),
             migrate_on_start: true,
@@ -309,9 +317,7 @@ impl Validate for RawRabbitmq {
             NonZeroU16::MIN
         });
         Rabbitmq {
-            amqp: p
-                .check("rabbitmq.url", AmqpConfig::parse(&self.url))
-                .unwrap_or_default(),
+            amqp: AmqpConfig::checked(p, &self.url, &self.url_file),
             exchange: self.exchange.clone(),
             queue: self.queue.clone(),
             binding_key: self.binding_key.clone(),
@@ -332,7 +338,9 @@ impl Validate for RawClickhouse {
         Clickhouse {
             url: self.url.clone(),
             user: self.user.clone(),
-            password: Secret::new(self.password.clone()),
+            password: p
+                .secret_file("clickhouse.password_file", &self.password_file)
+                .unwrap_or_else(|| Secret::new(self.password.clone())),
             database: identifier(p, "clickhouse.database", &self.database),
             table: identifier(p, "clickhouse.table", &self.table),
             migrate_on_start: self.migrate_on_start,
