@@ -337,6 +337,7 @@ async fn journey_events_survive_broker_cuts_once_each() {
             span_id: vec![9; 8],
             ..Default::default()
         }],
+        ..Default::default()
     };
     let body = prost::Message::encode_to_vec(&batch);
     let duplicates = ing

@@ -1,7 +1,9 @@
 //! The gateway's hot path on one core: check, route and buffer a request of
 //! 100 ten-span traces (spans stay encoded); decode, decide and encode
-//! buffered traces. Raw prost decoding of the same bytes is the baseline. Also the pieces on their
-//! own: buffering already-routed spans, and the owner lookup of a trace.
+//! buffered traces, under the built-in policy and under the journeys
+//! budget's rules with and without journeys. Raw prost decoding of the same
+//! bytes is the baseline. Also the pieces on their own: buffering
+//! already-routed spans, and the owner lookup of a trace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,7 +29,27 @@ const SPANS: u32 = 10;
 
 fn pipeline() -> Pipeline {
     let cfg = RawConfig::default().validate().unwrap();
-    let rules = Rules::default_policy(cfg.policy.slow_threshold, cfg.policy.random_share);
+    with_rules(Rules::default_policy(
+        cfg.policy.slow_threshold,
+        cfg.policy.random_share,
+    ))
+}
+
+/// The rules of the end-to-end benchmark's journey budget (the built-in
+/// policy as rules, with or without the order journey).
+fn bench_rules(file: &str) -> Rules {
+    let path = format!("{}/rules/{file}", env!("CARGO_MANIFEST_DIR"));
+    Rules::load(std::path::Path::new(&path)).unwrap()
+}
+
+fn with_rules(rules: Rules) -> Pipeline {
+    with_outbox(rules, Arc::new(Outbox::new(usize::MAX)), 2.0)
+}
+
+fn with_outbox(rules: Rules, outbox: Arc<Outbox>, decision_wait_secs: f64) -> Pipeline {
+    let mut raw = RawConfig::default();
+    raw.buffer.decision_wait_secs = decision_wait_secs;
+    let cfg = raw.validate().unwrap();
     let metrics = Arc::new(Metrics::new());
     let (cluster, _) = Cluster::new(
         &cfg.cluster,
@@ -35,13 +57,7 @@ fn pipeline() -> Pipeline {
         Arc::clone(&metrics),
         std::time::Duration::from_secs(30),
     );
-    Pipeline::new(
-        &cfg,
-        Arc::new(rules),
-        metrics,
-        Arc::new(Outbox::new(usize::MAX)),
-        cluster,
-    )
+    Pipeline::new(&cfg, Arc::new(rules), metrics, outbox, cluster)
 }
 
 fn hot_path(c: &mut Criterion) {
@@ -81,6 +97,51 @@ fn hot_path(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // The journeys budget on one core, in a steady state: one long-lived
+    // pipeline decides new traces every iteration, as a gateway does, so
+    // its reused buffers are warm. Only the sweep that decides, encodes and
+    // (with journeys) records events is timed; ingesting and emptying the
+    // outbox are not. Every span of this corpus carries `order.id`, so with
+    // journeys on every span gives an event.
+    let encoded = tailgate_benches::corpus::Encoded::new(&request(0, TRACES, SPANS));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for (name, file) in [
+        ("decide_steady_rules", "default-policy.yaml"),
+        ("decide_steady_journeys", "default-policy-journeys.yaml"),
+    ] {
+        let outbox = Arc::new(Outbox::new(usize::MAX));
+        let p = with_outbox(bench_rules(file), Arc::clone(&outbox), 0.0);
+        let mut pass = 0;
+        let mut journey_bytes = (0, 0);
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut timed = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    pass += 1;
+                    let body = encoded.body_for_pass(pass);
+                    p.ingest(split(&body).unwrap(), "bench").unwrap();
+                    let start = std::time::Instant::now();
+                    p.sweep();
+                    timed += start.elapsed();
+                    assert_eq!(p.buffered_traces(), 0, "every trace is decided");
+                    for msg in runtime.block_on(outbox.take(usize::MAX)) {
+                        let events = msg.journey_event_count();
+                        if events > 0 {
+                            journey_bytes.0 += msg.body.len();
+                            journey_bytes.1 += events;
+                        }
+                        outbox.settle(&msg);
+                    }
+                }
+                timed
+            })
+        });
+        if let Some(per_event) = journey_bytes.0.checked_div(journey_bytes.1) {
+            eprintln!("{name}: {per_event} bytes per journey event, compressed");
+        }
+    }
     g.bench_function("buffer_add", |b| {
         let cfg = RawConfig::default().validate().unwrap();
         b.iter_batched(

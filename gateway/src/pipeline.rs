@@ -636,7 +636,10 @@ journeys:
             .find(|m| m.journey_event_count() > 0)
             .expect("a journey message");
         assert_eq!(journey.routing_key, "journeys.order");
-        let mut events = JourneyEvents::decode(&journey.body[..]).unwrap().events;
+        let mut events = JourneyEvents::decode(&journey.body[..])
+            .unwrap()
+            .resolve()
+            .unwrap();
         events.sort_by_key(|e| e.kept);
         let summary: Vec<(&str, &str, &str, bool, &str, bool)> = events
             .iter()

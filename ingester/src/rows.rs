@@ -429,10 +429,11 @@ pub struct UndecodableEvents(pub String);
 
 /// The rows of one journey events message.
 pub fn event_rows(body: &[u8], message_id: &str) -> Result<Vec<EventRow>, UndecodableEvents> {
-    let batch = tailgate_contract::journey::JourneyEvents::decode(body)
-        .map_err(|e| UndecodableEvents(e.to_string()))?;
-    Ok(batch
-        .events
+    let events = tailgate_contract::journey::JourneyEvents::decode(body)
+        .map_err(|e| UndecodableEvents(e.to_string()))?
+        .resolve()
+        .map_err(UndecodableEvents)?;
+    Ok(events
         .into_iter()
         .map(|e| EventRow {
             journey: e.journey,

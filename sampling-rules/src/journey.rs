@@ -35,12 +35,63 @@ pub struct Journey {
     pub(crate) finder: Option<memmem::Finder<'static>>,
 }
 
-/// The span attributes a journey reads; see [`Journey::attribute_plan`].
+/// How to read every journey from a span's attributes alone, made once
+/// when the rules compile: the attributes some journey reads, each once,
+/// and each journey's fields as indexes into them. A reader looks at each
+/// of a span's attributes once, and finds a journey's values by index.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AttributePlan<'a> {
-    pub key: &'a str,
-    pub status: Option<&'a str>,
-    pub captures: Vec<(&'a str, &'a str)>,
+pub struct AttributePlans {
+    /// Every span attribute some journey reads, each once.
+    pub wanted: Vec<String>,
+    /// One per journey, in the rules' order.
+    pub journeys: Vec<AttributePlan>,
+}
+
+/// One journey's fields as indexes into [`AttributePlans::wanted`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttributePlan {
+    pub key: usize,
+    pub status: Option<usize>,
+    /// `(field name as written in the rules, attribute)`.
+    pub captures: Vec<(String, usize)>,
+}
+
+impl AttributePlans {
+    /// `None` when some journey reads a field that is not a span attribute
+    /// (a resource attribute, the span's name, ...).
+    pub fn new(journeys: &[Journey]) -> Option<Self> {
+        let mut wanted: Vec<String> = Vec::new();
+        let mut index = |f: &SpanField| -> Option<usize> {
+            let SpanField::Attribute(name) = f else {
+                return None;
+            };
+            Some(match wanted.iter().position(|w| w == name) {
+                Some(i) => i,
+                None => {
+                    wanted.push(name.clone());
+                    wanted.len() - 1
+                }
+            })
+        };
+        let journeys = journeys
+            .iter()
+            .map(|j| {
+                Some(AttributePlan {
+                    key: index(&j.key.1)?,
+                    status: match &j.status {
+                        Some((_, f)) => Some(index(f)?),
+                        None => None,
+                    },
+                    captures: j
+                        .capture
+                        .iter()
+                        .map(|(label, f)| Some((label.clone(), index(f)?)))
+                        .collect::<Option<Vec<_>>>()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self { wanted, journeys })
+    }
 }
 
 /// A value cut to [`MAX_VALUE_BYTES`] at a character boundary.
@@ -108,31 +159,6 @@ impl Journey {
                 SpanField::Attribute(k) => Some(k.as_str()),
                 _ => None,
             })
-    }
-
-    /// How to read the journey from a span's attributes alone, when every
-    /// field it reads (key, status, captures) is a span attribute: the key's
-    /// attribute, the status's, and each capture as (name as written,
-    /// attribute). `None` when some field is not a span attribute.
-    pub fn attribute_plan(&self) -> Option<AttributePlan<'_>> {
-        fn attribute(f: &SpanField) -> Option<&str> {
-            match f {
-                SpanField::Attribute(k) => Some(k.as_str()),
-                _ => None,
-            }
-        }
-        Some(AttributePlan {
-            key: attribute(&self.key.1)?,
-            status: match &self.status {
-                Some((_, f)) => Some(attribute(f)?),
-                None => None,
-            },
-            captures: self
-                .capture
-                .iter()
-                .map(|(name, f)| Some((name.as_str(), attribute(f)?)))
-                .collect::<Option<Vec<_>>>()?,
-        })
     }
 
     /// Whether the journey reads a span's events (`event.name`).

@@ -28,7 +28,9 @@ mod tests;
 
 pub use compile::{RuleError, RulesError, parse_duration};
 pub use decision::{Decision, Kept, RuleName};
-pub use journey::{AttributePlan, Journey, JourneyFields, MAX_CAPTURE, MAX_VALUE_BYTES, human};
+pub use journey::{
+    AttributePlan, AttributePlans, Journey, JourneyFields, MAX_CAPTURE, MAX_VALUE_BYTES, human,
+};
 pub use node::Pos;
 pub use redact::Redaction;
 pub use rules::{NO_MATCH, Rules};

@@ -7,7 +7,7 @@ use crate::{
     condition::{CmpOp, Condition, Facts, Literal, Op, Test},
     decision::{Decision, RuleName},
     field::{FieldValue, SpanField, TraceField},
-    journey::Journey,
+    journey::{AttributePlans, Journey},
     node::Pos,
     redact::Redaction,
     threshold::{Probability, Threshold},
@@ -50,6 +50,8 @@ pub struct Rules {
     default: Vec<Rule>,
     redaction: Redaction,
     journeys: Vec<Journey>,
+    /// How journeys read spans' attributes, when they read nothing else.
+    attribute_plans: Option<AttributePlans>,
     digest: [u8; 32],
     no_match: RuleName,
     reads_span_attributes: bool,
@@ -76,6 +78,7 @@ impl Rules {
             sets,
             default,
             redaction,
+            attribute_plans: AttributePlans::new(&journeys),
             journeys,
             digest: Sha256::digest(text.as_bytes()).into(),
             no_match: RuleName::new(NO_MATCH),
@@ -199,6 +202,12 @@ impl Rules {
     /// The journeys the file defines, in its order.
     pub fn journeys(&self) -> &[Journey] {
         &self.journeys
+    }
+
+    /// How to read every journey from a span's attributes alone, if they
+    /// read nothing else.
+    pub fn journey_attribute_plans(&self) -> Option<&AttributePlans> {
+        self.attribute_plans.as_ref()
     }
 
     /// SHA-256 of the rules text, in hex: equal on every node running the same file.

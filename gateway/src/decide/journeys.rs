@@ -13,7 +13,7 @@ use crate::{
     metrics::Metrics,
     publish::{OutMessage, Outbox},
     trace::{Fragment, SPANS},
-    wire::{self, Value, len_field_size, put_len_field},
+    wire::{self, Value, len_field_size, put_len_field, put_varint},
 };
 use opentelemetry_proto::tonic::{
     common::v1::any_value,
@@ -22,14 +22,15 @@ use opentelemetry_proto::tonic::{
 };
 use prost::{
     Message,
-    encoding::{WireType, encode_key},
+    encoding::{WireType, encoded_len_varint},
 };
+use smallvec::{SmallVec, smallvec};
 use std::{
     borrow::Cow,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
-use tailgate_sampling_rules::{AttributePlan, Journey, MAX_VALUE_BYTES, Rules, SpanRef, TraceId};
+use tailgate_sampling_rules::{Journey, MAX_VALUE_BYTES, Rules, SpanRef, TraceId};
 use tokio::time::Instant;
 
 /// How a span's trace was decided, as its events record it.
@@ -40,13 +41,44 @@ pub struct Fate<'a> {
 }
 
 /// Events of one journey waiting to be sent, already encoded: the body of a
-/// `JourneyEvents` message is its events' fields one after the other.
+/// `JourneyEvents` message is its events' fields one after the other, then
+/// the batch's own fields ([`finish`]).
 #[derive(Debug, Default)]
 struct Batch {
     encoded: Vec<u8>,
     events: usize,
     /// When the oldest event was recorded.
     since: Option<Instant>,
+    said: Said,
+}
+
+/// What the batch's last event said, which the next one repeats by a bit
+/// of `repeats` rather than writing it again, and the captured fields'
+/// names the batch's events refer to by index (`JourneyEvents::resolve`
+/// reads them back). The spans of a trace are decided together and share
+/// an order, a trace, mostly a service and a status: repeating those makes
+/// an event less than half as long to write, compress and send.
+#[derive(Debug, Default)]
+struct Said {
+    any: bool,
+    key: Vec<u8>,
+    status: Vec<u8>,
+    service: Vec<u8>,
+    trace_id: Vec<u8>,
+    kept: bool,
+    rule: Vec<u8>,
+    captured: Vec<(u64, Vec<u8>)>,
+    fields: Vec<Vec<u8>>,
+}
+
+/// Whether `now` repeats `said`, which it then becomes.
+fn repeats(said: &mut Vec<u8>, now: &[u8]) -> bool {
+    if said == now {
+        return true;
+    }
+    said.clear();
+    said.extend_from_slice(now);
+    false
 }
 
 /// Bytes reserved per event of a new batch, so that it rarely grows.
@@ -112,7 +144,7 @@ impl Recorder {
             let mut batches = self.batches();
             // Journey i's batch is batches[slot[i]]; batches of journeys a
             // reload removed stay until they are sent.
-            let slot: Vec<usize> = journeys
+            let slot: SmallVec<[usize; 4]> = journeys
                 .iter()
                 .map(
                     |j| match batches.iter().position(|(name, _)| **name == *j.name()) {
@@ -124,7 +156,7 @@ impl Recorder {
                     },
                 )
                 .collect();
-            let mut counts = vec![0u64; journeys.len()];
+            let mut counts: SmallVec<[u64; 4]> = smallvec![0; journeys.len()];
             let decoded = events(rules, trace_id, fragments, fate, true, &mut |i, event| {
                 let batch = &mut batches[slot[i]].1;
                 if batch.events == 0 {
@@ -133,7 +165,7 @@ impl Recorder {
                     }
                     batch.since = Some(now);
                 }
-                put_event(&mut batch.encoded, event);
+                put_event(&mut batch.encoded, &mut batch.said, event);
                 batch.events += 1;
                 counts[i] += 1;
             });
@@ -186,7 +218,8 @@ impl Recorder {
         spare.unwrap_or_else(|| Vec::with_capacity(self.max_batch * EVENT_BYTES))
     }
 
-    fn send(&self, journey: Arc<str>, batch: Batch, now: Instant) {
+    fn send(&self, journey: Arc<str>, mut batch: Batch, now: Instant) {
+        finish(&mut batch.encoded, &journey, &batch.said);
         let (compression, body) = match self.compression.compressed(&batch.encoded) {
             Some(compressed) => {
                 let mut buffer = batch.encoded;
@@ -217,6 +250,7 @@ fn service_name(resource: Option<&Resource>) -> &str {
             any_value::Value::StringValue(s) => Some(s.as_str()),
             _ => None,
         })
+        .filter(|s| !s.is_empty())
         .unwrap_or("unknown")
 }
 
@@ -235,19 +269,24 @@ fn events(
 ) -> u64 {
     let journeys = rules.journeys();
     let redaction = rules.redaction();
-    let plans: Option<Vec<AttributePlan<'_>>> = if fast && redaction.is_empty() {
-        journeys.iter().map(Journey::attribute_plan).collect()
+    let plans = rules
+        .journey_attribute_plans()
+        .filter(|_| fast && redaction.is_empty());
+    let lean_wanted: Vec<&str> = if plans.is_none() {
+        journeys.iter().flat_map(Journey::span_attributes).collect()
     } else {
-        None
+        Vec::new()
     };
-    let wanted_attributes: Vec<&str> = journeys.iter().flat_map(Journey::span_attributes).collect();
     let reads_events = journeys.iter().any(Journey::reads_events);
     // Journeys keyed by a span attribute may be in any span; the others
     // only under a resource that has their key.
     let all_span_keyed = journeys.iter().all(|j| j.span_attribute_key().is_some());
-    let mut candidates: Vec<bool> = vec![true; journeys.len()];
-    let mut attributes: Vec<(&[u8], &[u8])> = Vec::with_capacity(wanted_attributes.len());
-    let mut captured: Vec<(&[u8], Cow<'_, [u8]>)> = Vec::new();
+    // On the stack for the usual few journeys and attributes: this runs
+    // for every decided trace.
+    let mut candidates: SmallVec<[bool; 4]> = smallvec![true; journeys.len()];
+    let mut values: SmallVec<[Option<&[u8]>; 8]> =
+        smallvec![None; plans.map_or(0, |p| p.wanted.len())];
+    let mut captured: SmallVec<[CapturedOut<'_>; 4]> = SmallVec::new();
     let mut looked_at = 0;
     for fragment in fragments {
         let resource = fragment.resource.decoded.resource.as_ref();
@@ -273,8 +312,8 @@ fn events(
         });
         let resource = redacted_resource.as_ref().or(resource);
         // The fragment was checked on receipt: it frames, and its spans decode.
-        for field in wire::fields(&fragment.spans).flatten() {
-            let (SPANS, Value::Len(bytes)) = (field.number, field.value) else {
+        for field in wire::checked(&fragment.spans) {
+            let (SPANS, Value::Len(bytes)) = field else {
                 continue;
             };
             let wanted = journeys
@@ -286,32 +325,24 @@ fn events(
             }
             looked_at += 1;
             if let Some(plans) = &plans {
-                let Some(span) = wire_span(bytes, &wanted_attributes, &mut attributes) else {
+                let Some(span) = wire_span(bytes, &plans.wanted, &mut values) else {
                     continue;
                 };
-                for (i, plan) in plans.iter().enumerate() {
-                    let value = |name: &str| {
-                        attributes
-                            .iter()
-                            .rev()
-                            .find(|(k, _)| *k == name.as_bytes())
-                            .and_then(|(_, v)| any_value_text(v))
-                            .map(bounded)
-                    };
+                for (i, plan) in plans.journeys.iter().enumerate() {
+                    let value = |at: usize| values[at].and_then(any_value_text).map(bounded);
                     let Some(key) = value(plan.key).filter(|k| !k.is_empty()) else {
                         continue;
                     };
                     let status = plan.status.and_then(value).unwrap_or_default();
                     captured.clear();
-                    for (label, attribute) in &plan.captures {
-                        if let Some(v) = value(attribute) {
+                    for (label, at) in &plan.captures {
+                        if let Some(v) = value(*at) {
                             captured.push((label.as_bytes(), v));
                         }
                     }
                     sink(
                         i,
                         &EventOut {
-                            journey: journeys[i].name().as_bytes(),
                             key: &key,
                             status: &status,
                             time: span.start,
@@ -327,7 +358,7 @@ fn events(
                 }
                 continue;
             }
-            let Some(mut span) = lean_span(bytes, &wanted_attributes, reads_events) else {
+            let Some(mut span) = lean_span(bytes, &lean_wanted, reads_events) else {
                 continue;
             };
             if !redaction.is_empty() {
@@ -353,11 +384,14 @@ fn events(
                 sink(
                     i,
                     &EventOut {
-                        journey: journey.name().as_bytes(),
                         key: fields.key.as_bytes(),
                         status: fields.status.as_bytes(),
                         time: span.start_time_unix_nano,
-                        service: at.service_name().unwrap_or("unknown").as_bytes(),
+                        service: at
+                            .service_name()
+                            .filter(|s| !s.is_empty())
+                            .unwrap_or("unknown")
+                            .as_bytes(),
                         span_name: span.name.as_bytes(),
                         trace_id: &trace_id.0,
                         span_id: &span.span_id,
@@ -401,30 +435,30 @@ struct WireSpan<'a> {
     error: bool,
 }
 
-/// Reads a span's [`WireSpan`], and in `attributes` the key and encoded
-/// value of each attribute named in `wanted`. Strings stay bytes: they
-/// were checked to be UTF-8 on receipt, and go out as they came in.
+/// Reads a span's [`WireSpan`], and in `values[i]` the encoded value of
+/// the attribute named `wanted[i]` (the last one, as prost keeps it), if
+/// the span has it. Strings stay bytes: they were checked to be UTF-8 on
+/// receipt, and go out as they came in.
 fn wire_span<'a>(
     bytes: &'a [u8],
-    wanted: &[&str],
-    attributes: &mut Vec<(&'a [u8], &'a [u8])>,
+    wanted: &[String],
+    values: &mut [Option<&'a [u8]>],
 ) -> Option<WireSpan<'a>> {
-    attributes.clear();
+    values.fill(None);
     let mut span = WireSpan {
         span_id: &[],
         name: &[],
         start: 0,
         error: false,
     };
-    for field in wire::fields(bytes) {
-        let f = field.ok()?;
-        match (f.number, f.value) {
+    for (number, value) in wire::checked(bytes) {
+        match (number, value) {
             (SPAN_ID, Value::Len(b)) => span.span_id = b,
             (NAME, Value::Len(b)) => span.name = b,
             (START, Value::Fixed64(t)) => span.start = t,
             (STATUS, Value::Len(b)) => {
-                for s in wire::fields(b).flatten() {
-                    if let (STATUS_CODE, Value::Varint(code)) = (s.number, s.value) {
+                for (n, v) in wire::checked(b) {
+                    if let (STATUS_CODE, Value::Varint(code)) = (n, v) {
                         span.error = code == StatusCode::Error as u64;
                     }
                 }
@@ -432,15 +466,15 @@ fn wire_span<'a>(
             (ATTRIBUTES, Value::Len(kv)) => {
                 let mut key: &[u8] = &[];
                 let mut value: &[u8] = &[];
-                for part in wire::fields(kv).flatten() {
-                    match (part.number, part.value) {
+                for part in wire::checked(kv) {
+                    match part {
                         (KEY, Value::Len(k)) => key = k,
                         (VALUE, Value::Len(v)) => value = v,
                         _ => {}
                     }
                 }
-                if wanted.iter().any(|w| w.as_bytes() == key) {
-                    attributes.push((key, value));
+                if let Some(at) = wanted.iter().position(|w| w.as_bytes() == key) {
+                    values[at] = Some(value);
                 }
             }
             _ => {}
@@ -453,8 +487,8 @@ fn wire_span<'a>(
 fn any_value_text(bytes: &[u8]) -> Option<Cow<'_, [u8]>> {
     let mut text = None;
     // A oneof's last field wins, as in prost.
-    for field in wire::fields(bytes).flatten() {
-        text = match (field.number, field.value) {
+    for field in wire::checked(bytes) {
+        text = match field {
             (1, Value::Len(s)) => Some(Cow::Borrowed(s)),
             (2, Value::Varint(b)) => Some(Cow::Owned((b != 0).to_string().into_bytes())),
             #[allow(clippy::cast_possible_wrap)]
@@ -469,9 +503,11 @@ fn any_value_text(bytes: &[u8]) -> Option<Cow<'_, [u8]>> {
     text
 }
 
+/// A captured field's name as the rules write it, and its value.
+type CapturedOut<'a> = (&'a [u8], Cow<'a, [u8]>);
+
 /// One event, borrowed, for [`put_event`]; text as UTF-8 bytes.
 struct EventOut<'a> {
-    journey: &'a [u8],
     key: &'a [u8],
     status: &'a [u8],
     time: u64,
@@ -481,7 +517,7 @@ struct EventOut<'a> {
     span_id: &'a [u8],
     error: bool,
     fate: Fate<'a>,
-    captured: &'a [(&'a [u8], Cow<'a, [u8]>)],
+    captured: &'a [CapturedOut<'a>],
 }
 
 fn bytes_len(tag: u32, b: &[u8]) -> usize {
@@ -501,52 +537,146 @@ fn put_bytes(out: &mut Vec<u8>, tag: u32, b: &[u8]) {
 
 fn put_bool(out: &mut Vec<u8>, tag: u32, b: bool) {
     if b {
-        encode_key(tag, WireType::Varint, out);
+        put_varint(out, u64::from(tag << 3 | WireType::Varint as u32));
         out.push(1);
     }
 }
 
 /// Appends one `JourneyEvents.events` field, encoded as prost encodes
-/// `tailgate_contract::journey::JourneyEvent` (its tests decode it so).
-fn put_event(out: &mut Vec<u8>, e: &EventOut<'_>) {
-    use tailgate_contract::journey::tag;
-    let captured_len = |(f, v): &(&[u8], Cow<'_, [u8]>)| {
-        bytes_len(tag::CAPTURED_FIELD, f) + bytes_len(tag::CAPTURED_VALUE, v)
+/// `tailgate_contract::journey::JourneyEvent`, with what repeats the
+/// batch's previous event left out (its tests decode and resolve it so).
+fn put_event<'a>(out: &mut Vec<u8>, said: &mut Said, e: &EventOut<'a>) {
+    use tailgate_contract::journey::{repeats as bit, tag};
+    // Each captured field as its name's index in the batch and its value.
+    let mut captured: SmallVec<[(u64, &[u8]); 4]> = SmallVec::new();
+    for (label, value) in e.captured {
+        let at = match said.fields.iter().position(|f| f == label) {
+            Some(at) => at,
+            None => {
+                said.fields.push(label.to_vec());
+                said.fields.len() - 1
+            }
+        };
+        captured.push((at as u64, value));
+    }
+    let mut mask = 0;
+    let mut check = |said: &mut Vec<u8>, now: &[u8], b: u32| {
+        if repeats(said, now) {
+            mask |= b;
+        }
     };
-    let len = bytes_len(tag::JOURNEY, e.journey)
-        + bytes_len(tag::KEY, e.key)
-        + bytes_len(tag::STATUS, e.status)
+    check(&mut said.key, e.key, bit::KEY);
+    check(&mut said.status, e.status, bit::STATUS);
+    check(&mut said.service, e.service, bit::SERVICE);
+    let rule = e.fate.rule.as_bytes();
+    let same_trace = said.trace_id == e.trace_id && said.kept == e.fate.kept && said.rule == rule;
+    if same_trace {
+        mask |= bit::TRACE;
+    } else {
+        said.trace_id.clear();
+        said.trace_id.extend_from_slice(e.trace_id);
+        said.kept = e.fate.kept;
+        said.rule.clear();
+        said.rule.extend_from_slice(rule);
+    }
+    let same_captured = said.captured.len() == captured.len()
+        && said
+            .captured
+            .iter()
+            .zip(&captured)
+            .all(|((a, x), (b, y))| a == b && x == y);
+    if same_captured {
+        mask |= bit::CAPTURED;
+    } else {
+        said.captured.clear();
+        said.captured
+            .extend(captured.iter().map(|&(at, v)| (at, v.to_vec())));
+    }
+    // The first event of a batch repeats nothing.
+    if !said.any {
+        mask = 0;
+        said.any = true;
+    }
+    let written = |b: u32, field: &'a [u8]| -> &'a [u8] { if mask & b == 0 { field } else { &[] } };
+    let (key, status, service) = (
+        written(bit::KEY, e.key),
+        written(bit::STATUS, e.status),
+        written(bit::SERVICE, e.service),
+    );
+    let (trace_id, kept, rule) = if mask & bit::TRACE == 0 {
+        (e.trace_id, e.fate.kept, rule)
+    } else {
+        (&[][..], false, &[][..])
+    };
+    if mask & bit::CAPTURED != 0 {
+        captured.clear();
+    }
+    let captured_len = |&(at, v): &(u64, &[u8])| {
+        bytes_len(tag::CAPTURED_VALUE, v)
+            + if at == 0 {
+                0
+            } else {
+                1 + encoded_len_varint(at)
+            }
+    };
+    let len = bytes_len(tag::KEY, key)
+        + bytes_len(tag::STATUS, status)
         + if e.time == 0 { 0 } else { 1 + 8 }
-        + bytes_len(tag::SERVICE, e.service)
+        + bytes_len(tag::SERVICE, service)
         + bytes_len(tag::SPAN_NAME, e.span_name)
-        + bytes_len(tag::TRACE_ID, e.trace_id)
+        + bytes_len(tag::TRACE_ID, trace_id)
         + bytes_len(tag::SPAN_ID, e.span_id)
         + 2 * usize::from(e.error)
-        + 2 * usize::from(e.fate.kept)
-        + bytes_len(tag::RULE, e.fate.rule.as_bytes())
-        + e.captured
+        + 2 * usize::from(kept)
+        + bytes_len(tag::RULE, rule)
+        + captured
             .iter()
             .map(|c| len_field_size(tag::CAPTURED, captured_len(c)))
-            .sum::<usize>();
+            .sum::<usize>()
+        + if mask == 0 { 0 } else { 2 };
     put_len_field(out, tag::EVENTS, len);
-    put_bytes(out, tag::JOURNEY, e.journey);
-    put_bytes(out, tag::KEY, e.key);
-    put_bytes(out, tag::STATUS, e.status);
+    put_bytes(out, tag::KEY, key);
+    put_bytes(out, tag::STATUS, status);
     if e.time != 0 {
-        encode_key(tag::TIME, WireType::SixtyFourBit, out);
+        put_varint(
+            out,
+            u64::from(tag::TIME << 3 | WireType::SixtyFourBit as u32),
+        );
         out.extend_from_slice(&e.time.to_le_bytes());
     }
-    put_bytes(out, tag::SERVICE, e.service);
+    put_bytes(out, tag::SERVICE, service);
     put_bytes(out, tag::SPAN_NAME, e.span_name);
-    put_bytes(out, tag::TRACE_ID, e.trace_id);
+    put_bytes(out, tag::TRACE_ID, trace_id);
     put_bytes(out, tag::SPAN_ID, e.span_id);
     put_bool(out, tag::ERROR, e.error);
-    put_bool(out, tag::KEPT, e.fate.kept);
-    put_bytes(out, tag::RULE, e.fate.rule.as_bytes());
-    for c in e.captured {
+    put_bool(out, tag::KEPT, kept);
+    put_bytes(out, tag::RULE, rule);
+    for c @ &(at, value) in &captured {
         put_len_field(out, tag::CAPTURED, captured_len(c));
-        put_bytes(out, tag::CAPTURED_FIELD, c.0);
-        put_bytes(out, tag::CAPTURED_VALUE, &c.1);
+        put_bytes(out, tag::CAPTURED_VALUE, value);
+        if at != 0 {
+            put_varint(
+                out,
+                u64::from(tag::CAPTURED_FIELD_INDEX << 3 | WireType::Varint as u32),
+            );
+            put_varint(out, at);
+        }
+    }
+    if mask != 0 {
+        // Every bit fits in one varint byte.
+        put_varint(out, u64::from(tag::REPEATS << 3 | WireType::Varint as u32));
+        put_varint(out, u64::from(mask));
+    }
+}
+
+/// Appends a batch's own fields after its events: the journey they belong
+/// to, and the captured fields' names they refer to.
+fn finish(out: &mut Vec<u8>, journey: &str, said: &Said) {
+    use tailgate_contract::journey::tag;
+    put_bytes(out, tag::BATCH_JOURNEY, journey.as_bytes());
+    for name in &said.fields {
+        put_len_field(out, tag::BATCH_FIELDS, name.len());
+        out.extend_from_slice(name);
     }
 }
 
@@ -674,9 +804,11 @@ mod tests {
         let id = TraceId([1; 16]);
         let encode = |fast| {
             let mut out = Vec::new();
+            let mut said = Said::default();
             let looked_at = events(&rules, id, fragments, fate, fast, &mut |_, e| {
-                put_event(&mut out, e);
+                put_event(&mut out, &mut said, e);
             });
+            finish(&mut out, "order", &said);
             (looked_at, out)
         };
         let (fast, slow) = (encode(true), encode(false));
@@ -685,8 +817,18 @@ mod tests {
             "the span without the key's name is not looked at"
         );
         assert_eq!(fast, slow);
-        let decoded = JourneyEvents::decode(fast.1.as_slice()).unwrap().events;
+        let short = JourneyEvents::decode(fast.1.as_slice()).unwrap();
+        let trace_and_service = tailgate_contract::journey::repeats::TRACE
+            | tailgate_contract::journey::repeats::SERVICE;
+        assert_eq!(
+            short.events[1].repeats & trace_and_service,
+            trace_and_service,
+            "the second event repeats the trace and service of the first"
+        );
+        assert!(short.events[1].trace_id.is_empty() && short.events[1].service.is_empty());
+        let decoded = short.resolve().unwrap();
         assert_eq!(decoded.len(), 2);
+        assert!(decoded.iter().all(|e| e.journey == "order"));
         assert_eq!(
             (decoded[0].key.as_str(), decoded[0].status.as_str()),
             ("A-1", "NEW")
