@@ -157,6 +157,46 @@ fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
     named(&container["env"], name)
 }
 
+/// Each `(variable, key)`: the variable names the file that the Secret
+/// `secret`, mounted read-only and readable by the pod's user and group
+/// only, holds `key` in; no variable carries a secret's value.
+fn assert_secret_files(
+    deployment: &Value,
+    container: &Value,
+    secret: &str,
+    files: &[(&str, &str)],
+) {
+    let volume = named(
+        &deployment["spec"]["template"]["spec"]["volumes"],
+        "secrets",
+    );
+    assert_eq!(volume["secret"]["secretName"], secret);
+    assert_eq!(volume["secret"]["defaultMode"], 0o440);
+    let mount = named(&container["volumeMounts"], "secrets");
+    assert_eq!(mount["readOnly"], true);
+    let dir = mount["mountPath"].as_str().unwrap();
+    for (var, key) in files {
+        assert_eq!(env(container, var)["value"], format!("{dir}/{key}"));
+        let items = volume["secret"]["items"].as_array().unwrap();
+        assert!(
+            items.iter().any(|i| i["key"] == *key && i["path"] == *key),
+            "{key} is mounted: {items:?}"
+        );
+    }
+    let names: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for secret_var in ["TAILGATE_RABBITMQ__URL", "TAILGATE_CLICKHOUSE__PASSWORD"] {
+        assert!(
+            !names.contains(&secret_var),
+            "{secret_var} in the environment: {names:?}"
+        );
+    }
+}
+
 fn port(ports: &Value, name: &str) -> i64 {
     ports
         .as_array()
@@ -279,9 +319,14 @@ fn defaults_wire_the_gateway_cluster_together() {
         env(c, "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
         "status.podIP"
     );
-    let secret_ref = &env(c, "TAILGATE_RABBITMQ__URL")["valueFrom"]["secretKeyRef"];
-    assert_eq!(secret_ref["name"], "tg-tailgate");
-    assert_eq!(secret_ref["key"], "rabbitmq-url");
+    // The broker URL comes from a file of the mounted Secret, not the
+    // environment.
+    assert_secret_files(
+        dep,
+        c,
+        "tg-tailgate",
+        &[("TAILGATE_RABBITMQ__URL_FILE", "rabbitmq-url")],
+    );
     let secret = find(&r, "Secret", "tg-tailgate");
     assert!(
         secret["stringData"]["rabbitmq-url"]
@@ -365,13 +410,20 @@ fn defaults_wire_the_gateway_cluster_together() {
     let ic = container(ing, "ingester");
     assert_eq!(ing["spec"]["replicas"], 2);
     for (var, key) in [
-        ("TAILGATE_RABBITMQ__URL", "rabbitmq-url"),
         ("TAILGATE_CLICKHOUSE__URL", "clickhouse-url"),
         ("TAILGATE_CLICKHOUSE__USER", "clickhouse-user"),
-        ("TAILGATE_CLICKHOUSE__PASSWORD", "clickhouse-password"),
     ] {
         assert_eq!(env(ic, var)["valueFrom"]["secretKeyRef"]["key"], key);
     }
+    assert_secret_files(
+        ing,
+        ic,
+        "tg-tailgate",
+        &[
+            ("TAILGATE_RABBITMQ__URL_FILE", "rabbitmq-url"),
+            ("TAILGATE_CLICKHOUSE__PASSWORD_FILE", "clickhouse-password"),
+        ],
+    );
     assert_eq!(port(&ic["ports"], "admin"), 8889);
     let ingester_text = find(&r, "ConfigMap", "tg-tailgate-config")["data"]["ingester.yaml"]
         .as_str()
@@ -487,9 +539,11 @@ fn existing_secret_and_rules_config_map_are_used() {
     );
     let dep = find(&r, "Deployment", "tg-tailgate-gateway");
     let c = container(dep, "gateway");
-    assert_eq!(
-        env(c, "TAILGATE_RABBITMQ__URL")["valueFrom"]["secretKeyRef"]["name"],
-        "tailgate-connections"
+    assert_secret_files(
+        dep,
+        c,
+        "tailgate-connections",
+        &[("TAILGATE_RABBITMQ__URL_FILE", "rabbitmq-url")],
     );
     assert_eq!(c["image"], "ghcr.io/tailgate/tailgate:0.1.0-rc1");
     let pod = &dep["spec"]["template"]["spec"];
@@ -507,10 +561,11 @@ fn existing_secret_and_rules_config_map_are_used() {
         Some(Path::new("/etc/tailgate/rules/sampling.yaml"))
     );
     let ing = find(&r, "Deployment", "tg-tailgate-ingester");
-    assert_eq!(
-        env(container(ing, "ingester"), "TAILGATE_CLICKHOUSE__PASSWORD")["valueFrom"]["secretKeyRef"]
-            ["name"],
-        "tailgate-connections"
+    assert_secret_files(
+        ing,
+        container(ing, "ingester"),
+        "tailgate-connections",
+        &[("TAILGATE_CLICKHOUSE__PASSWORD_FILE", "clickhouse-password")],
     );
 }
 

@@ -680,6 +680,114 @@ fn secrets_come_from_files() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A run whose credentials all come from files leaks none of them. The
+/// gateway and the ingester read the broker URL from `rabbitmq.url_file`
+/// (the URL in the environment points nowhere, so the file's is in force),
+/// and the ingester its ClickHouse password from `clickhouse.password_file`
+/// (the engine has that one user, and refuses a wrong password). A trace
+/// goes through and is stored; `migrate` with a wrong password fails.
+/// Neither password, nor the broker URL with its password, appears in any
+/// process's logs, `/metrics`, `--check-config` output or error output.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_logs_metrics_or_errors() {
+    let password = support::unique("ch-secret");
+    let ch = ClickHouse::start_with_user("tailgate", &password);
+    if !ch.is_test_engine() {
+        return; // a real server's users are not ours to set
+    }
+    let q = TestQueue::new("secret-scan").await;
+    let dir = std::env::temp_dir().join(support::unique("secret-scan"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, content: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{content}\n")).unwrap();
+        path.display().to_string()
+    };
+    let url = amqp_url();
+    let url_file = file("rabbitmq-url", &url);
+    let password_file = file("clickhouse-password", &password);
+    let wrong = support::unique("wrong-secret");
+    let wrong_file = file("wrong-password", &wrong);
+    let nowhere = "amqp://nobody:unused@127.0.0.1:9/%2f";
+    let from_files = [
+        ("TAILGATE_RABBITMQ__URL", nowhere),
+        ("TAILGATE_RABBITMQ__URL_FILE", url_file.as_str()),
+        ("TAILGATE_POLICY__RANDOM_SHARE", "1"),
+    ];
+    let gw = Gateway::start(nowhere, &q.exchange, &from_files);
+    let names = Ingest::new(&q.exchange);
+    let ingester_env = [
+        ("TAILGATE_RABBITMQ__URL_FILE", url_file.as_str()),
+        ("TAILGATE_CLICKHOUSE__USER", "tailgate"),
+        ("TAILGATE_CLICKHOUSE__PASSWORD_FILE", password_file.as_str()),
+    ];
+    let mut env = names.env(&q.exchange, &ch, &ingester_env);
+    env.retain(|(k, _)| k != "TAILGATE_RABBITMQ__URL");
+    env.push(("TAILGATE_RABBITMQ__URL".into(), nowhere.into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let ing = Tailgate::ingester(&env);
+    ing.wait_metric("tailgate_ingester_broker_connected", &[], 1.0)
+        .await;
+    let spans = order_trace(trace_id(77, 1), 5, None);
+    otlp::send_grpc(&gw.grpc_url(), otlp::request(&spans))
+        .await
+        .unwrap();
+    ing.wait_metric("tailgate_ingester_acked_messages_total", &[], 1.0)
+        .await;
+
+    let mut seen = vec![gw.metrics().await, ing.metrics().await];
+    for (args, env) in [
+        (&["gateway", "--check-config"][..], &from_files[..]),
+        (&["ingester", "--check-config"][..], &env[..]),
+    ] {
+        let out = Tailgate::run(args, env);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            shown.contains("<redacted>"),
+            "{args:?} shows it hides: {shown}"
+        );
+        seen.push(shown);
+    }
+    let mut wrong_env = env.clone();
+    wrong_env.retain(|(k, _)| *k != "TAILGATE_CLICKHOUSE__PASSWORD_FILE");
+    wrong_env.push(("TAILGATE_CLICKHOUSE__PASSWORD_FILE", wrong_file.as_str()));
+    let refused = Tailgate::run(&["ingester", "migrate"], &wrong_env);
+    assert!(!refused.status.success(), "a wrong password is refused");
+    let refused_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        refused_text.contains("516") || refused_text.contains("AUTHENTICATION_FAILED"),
+        "the refusal says why: {refused_text}"
+    );
+    seen.push(refused_text);
+    let (gw_status, gw_logs) = gw.terminate_with_logs();
+    let (ing_status, ing_logs) = ing.terminate_with_logs();
+    assert!(gw_status.success() && ing_status.success());
+    assert!(
+        gw_logs.contains("ready") && ing_logs.contains("ready"),
+        "the logs were read: {gw_logs}\n{ing_logs}"
+    );
+    seen.extend([gw_logs, ing_logs]);
+
+    let broker_password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map(|(credentials, _)| format!("{credentials}@"))
+        .unwrap();
+    for text in &seen {
+        for secret in [password.as_str(), wrong.as_str(), broker_password.as_str()] {
+            assert!(!text.contains(secret), "{secret} leaked in:\n{text}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+    names.cleanup().await;
+    q.delete().await;
+}
+
 /// `tailgate ingester --check-config` prints the settings in force without
 /// the ClickHouse password or the broker URL's password.
 #[test]

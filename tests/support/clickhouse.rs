@@ -23,6 +23,17 @@ impl ClickHouse {
 
     /// Like `start`, with the chDB front at CPU priority `nice`.
     pub fn start_at_priority(nice: i32) -> Self {
+        Self::spawn(nice, None)
+    }
+
+    /// Like `start`, with one user `name` whose password is `password`
+    /// instead of `default` without one, as a server with users configured
+    /// refuses everyone else. A server named by URL is used as it is.
+    pub fn start_with_user(name: &str, password: &str) -> Self {
+        Self::spawn(0, Some(format!("{name}:{password}")))
+    }
+
+    fn spawn(nice: i32, user: Option<String>) -> Self {
         if let Ok(url) = std::env::var("TAILGATE_TEST_CLICKHOUSE_URL") {
             return Self {
                 child: None,
@@ -39,6 +50,7 @@ impl ClickHouse {
             .arg(script)
             .arg("--data")
             .arg(&dir)
+            .args(user.iter().flat_map(|u| ["--user", u.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
