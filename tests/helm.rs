@@ -11,7 +11,10 @@ use sha2::{Digest, Sha256};
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 use tailgate_contract::config::{ConfigFile, Validate};
 use tailgate_gateway::config::RawConfig;
@@ -53,17 +56,14 @@ fn renderer() -> &'static Path {
 /// text written to a temporary file); `Err` holds the renderer's message.
 fn try_render(values: &[&str]) -> Result<Value, String> {
     let mut cmd = Command::new(renderer());
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    for (i, v) in values.iter().enumerate() {
+    let mut written = Vec::new();
+    for v in values {
         let path = if v.ends_with(".yaml") && !v.contains('\n') {
             Path::new(ROOT).join(v)
         } else {
-            let p = dir.join(format!(
-                "values-{}-{i}-{}.yaml",
-                std::process::id(),
-                hex(&Sha256::digest(v.as_bytes()))
-            ));
+            let p = temp_file("values", "yaml");
             std::fs::write(&p, v).unwrap();
+            written.push(p.clone());
             p
         };
         cmd.arg("-f").arg(path);
@@ -73,6 +73,9 @@ fn try_render(values: &[&str]) -> Result<Value, String> {
         .arg(chart())
         .output()
         .expect("run the renderer");
+    for p in written {
+        let _ = std::fs::remove_file(p);
+    }
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).expect("renderer JSON"))
     } else {
@@ -86,11 +89,7 @@ fn render(values: &[&str]) -> Value {
 
 /// Problems validate.py found (values schema, Kubernetes schemas); empty when valid.
 fn problems(rendered: &Value) -> String {
-    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "rendered-{}-{}.json",
-        std::process::id(),
-        hex(&Sha256::digest(rendered.to_string().as_bytes()))
-    ));
+    let file = temp_file("rendered", "json");
     std::fs::write(&file, rendered.to_string()).unwrap();
     let out = Command::new("python3")
         .arg(Path::new(ROOT).join("tests/helm/validate.py"))
@@ -108,6 +107,18 @@ fn problems(rendered: &Value) -> String {
         "validate.py: {text}"
     );
     text
+}
+
+/// A file name under the test temp dir that no other test in this run uses:
+/// tests run in parallel and may render the same values, so a name made from
+/// the content alone let one test delete the file another was reading.
+fn temp_file(kind: &str, ext: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{kind}-{}-{}.{ext}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -9,7 +9,7 @@ use crate::{
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use std::{fmt::Write, path::Path, time::Instant};
-use tailgate_sampling_rules::{Decision, Rules, RulesError, SpanRef, TraceView};
+use tailgate_sampling_rules::{Decision, Rules, RulesError, SecretRef, SpanRef, TraceView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
@@ -26,10 +26,11 @@ pub enum ToolError {
     Traces { path: String, message: String },
 }
 
-/// Loads a rules file for checking on a workstation: an environment
-/// variable the file names (a redaction salt) that is not set here is
-/// replaced by a placeholder and reported in the returned notes, since the
-/// secret lives only where the gateway runs (which refuses to start without it).
+/// Loads a rules file for checking on a workstation: a secret the file
+/// refers to (a redaction salt in an environment variable or a file) that
+/// cannot be read here is replaced by a placeholder and reported in the
+/// returned notes, since the secret lives only where the gateway runs
+/// (which refuses to start without it).
 fn load(path: &Path) -> Result<(Rules, Vec<String>), ToolError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ToolError::Read {
@@ -37,18 +38,15 @@ fn load(path: &Path) -> Result<(Rules, Vec<String>), ToolError> {
         source,
     })?;
     let missing = std::cell::RefCell::new(Vec::new());
-    let env = |var: &str| {
-        std::env::var(var)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .or_else(|| {
-                missing.borrow_mut().push(format!(
-                "note: {var} is not set here; the gateway needs it set (checked with a placeholder)"
+    let secrets = |secret: SecretRef<'_>| {
+        secret.read().or_else(|why| {
+            missing.borrow_mut().push(format!(
+                "note: {why}; the gateway needs it (checked with a placeholder)"
             ));
-                Some("placeholder".to_owned())
-            })
+            Ok("placeholder".to_owned())
+        })
     };
-    let rules = Rules::from_yaml_with_env(&text, &shown, &env)?;
+    let rules = Rules::from_yaml_with_secrets(&text, &shown, &secrets)?;
     Ok((rules, missing.into_inner()))
 }
 

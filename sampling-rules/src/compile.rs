@@ -117,10 +117,44 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(secs).ok()
 }
 
+/// A secret the rules file refers to rather than holds: the redaction salt
+/// named by `salt_env` (an environment variable) or `salt_file` (a file,
+/// as a mounted Kubernetes Secret gives it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretRef<'a> {
+    Env(&'a str),
+    File(&'a str),
+}
+
+/// How a compile reads the secrets the file refers to: the value, or why
+/// not, naming the variable or file and never a value.
+pub type Secrets<'e> = &'e dyn Fn(SecretRef<'_>) -> Result<String, String>;
+
+impl SecretRef<'_> {
+    /// Reads it from this process's environment or file system. An empty
+    /// value is no value; a file's trailing line break is not part of it.
+    pub fn read(self) -> Result<String, String> {
+        let value = match self {
+            Self::Env(var) => std::env::var(var).unwrap_or_default(),
+            Self::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {path}: {e}"))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        };
+        if value.is_empty() {
+            return Err(match self {
+                Self::Env(var) => format!("environment variable {var} is not set"),
+                Self::File(path) => format!("{path} is empty"),
+            });
+        }
+        Ok(value)
+    }
+}
+
 struct Compiler<'e> {
     errors: Vec<RuleError>,
-    /// Looks up environment variables (`salt_env`).
-    env: &'e dyn Fn(&str) -> Option<String>,
+    /// Reads the secrets the file refers to (`salt_env`, `salt_file`).
+    secrets: Secrets<'e>,
 }
 
 impl Compiler<'_> {
@@ -1067,12 +1101,13 @@ impl Compiler<'_> {
                 "mask",
                 "salt",
                 "salt_env",
+                "salt_file",
                 "case_insensitive",
                 "values",
             ],
             "`redact`",
         );
-        let mut salt_pos = None;
+        let mut salt_pos: Option<(&str, Pos)> = None;
         for (key, value, pos) in entries {
             match key {
                 "remove" | "hash" => {
@@ -1152,25 +1187,35 @@ impl Compiler<'_> {
                     Value::Bool(b) => r.case_insensitive = b,
                     _ => self.err(value.pos, "`case_insensitive` must be true or false", None),
                 },
-                "salt" => {
-                    salt_pos = Some(pos);
-                    if let Some(s) = self.string(value, "`salt`") {
-                        r.salt = s.into_bytes();
+                "salt" | "salt_env" | "salt_file" => {
+                    if let Some((first, _)) = salt_pos {
+                        self.err(
+                            pos,
+                            format!("`{key}` and `{first}` both give the salt"),
+                            Some("keep one".into()),
+                        );
+                        continue;
+                    }
+                    salt_pos = Some((key, pos));
+                    let Some(text) = self.string(value, &format!("`{key}`")) else {
+                        continue;
+                    };
+                    let secret = match key {
+                        "salt" => Ok(text),
+                        "salt_env" => (self.secrets)(SecretRef::Env(&text)),
+                        _ => (self.secrets)(SecretRef::File(&text)),
+                    };
+                    match secret {
+                        Ok(salt) => r.salt = salt.into_bytes(),
+                        Err(why) => self.err(
+                            value.pos,
+                            why,
+                            Some("it must hold the salt for hashed attributes".into()),
+                        ),
                     }
                 }
-                _ => {
-                    salt_pos = Some(pos);
-                    if let Some(var) = self.string(value, "`salt_env`") {
-                        match (self.env)(&var) {
-                            Some(s) if !s.is_empty() => r.salt = s.into_bytes(),
-                            _ => self.err(
-                                value.pos,
-                                format!("environment variable {var} is not set"),
-                                Some("it must hold the salt for hashed attributes".into()),
-                            ),
-                        }
-                    }
-                }
+                // `known` kept only the keys above.
+                _ => {}
             }
         }
         if r.case_insensitive {
@@ -1183,7 +1228,7 @@ impl Compiler<'_> {
             }
         }
         if !r.hash.is_empty() && r.salt.is_empty() && salt_pos.is_none() {
-            self.err(node.pos, "`hash` needs a salt", Some("add `salt_env: NAME` (an environment variable holding a secret), or `salt:`; an unsalted hash of an email can be reversed by guessing".into()));
+            self.err(node.pos, "`hash` needs a salt", Some("add `salt_file: PATH` (a mounted Secret) or `salt_env: NAME` (an environment variable holding a secret), or `salt:`; an unsalted hash of an email can be reversed by guessing".into()));
         }
         r
     }
@@ -1212,9 +1257,9 @@ fn describe(node: &Node) -> String {
     }
 }
 
-/// Compiles rules text; errors carry positions but no file name. `env`
-/// looks up environment variables named in the file.
-pub fn compile(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Rules, Vec<RuleError>> {
+/// Compiles rules text; errors carry positions but no file name.
+/// `secrets` reads the secrets the file refers to.
+pub fn compile(text: &str, secrets: Secrets<'_>) -> Result<Rules, Vec<RuleError>> {
     let root = crate::node::parse(text).map_err(|(pos, message)| {
         vec![RuleError {
             pos,
@@ -1224,7 +1269,7 @@ pub fn compile(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Rules
     })?;
     let mut c = Compiler {
         errors: Vec::new(),
-        env,
+        secrets,
     };
     match c.file(&root, text) {
         Some(rules) if c.errors.is_empty() => Ok(rules),

@@ -26,7 +26,7 @@ mod trace;
 #[cfg(test)]
 mod tests;
 
-pub use compile::{RuleError, RulesError, parse_duration};
+pub use compile::{RuleError, RulesError, SecretRef, Secrets, parse_duration};
 pub use decision::{Decision, Kept, RuleName};
 pub use journey::{
     AttributePlan, AttributePlans, Journey, JourneyFields, MAX_CAPTURE, MAX_VALUE_BYTES, human,

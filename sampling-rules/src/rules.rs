@@ -3,7 +3,7 @@
 
 use crate::{
     action::{Action, Sample},
-    compile::{RulesError, compile},
+    compile::{RulesError, Secrets, compile},
     condition::{CmpOp, Condition, Facts, Literal, Op, Test},
     decision::{Decision, RuleName},
     field::{FieldValue, SpanField, TraceField},
@@ -86,18 +86,20 @@ impl Rules {
         }
     }
 
-    /// Compiles rules from YAML text, reading `salt_env` from the process environment.
+    /// Compiles rules from YAML text, reading the secrets it refers to
+    /// (`salt_env`, `salt_file`) from this process's environment and files.
     pub fn from_yaml(text: &str, file: &str) -> Result<Self, RulesError> {
-        Self::from_yaml_with_env(text, file, &|var| std::env::var(var).ok())
+        Self::from_yaml_with_secrets(text, file, &|secret| secret.read())
     }
 
-    /// Compiles rules from YAML text with environment variables from `env`.
-    pub fn from_yaml_with_env(
+    /// Compiles rules from YAML text, reading the secrets it refers to
+    /// with `secrets`.
+    pub fn from_yaml_with_secrets(
         text: &str,
         file: &str,
-        env: &dyn Fn(&str) -> Option<String>,
+        secrets: Secrets<'_>,
     ) -> Result<Self, RulesError> {
-        compile(text, env).map_err(|errors| RulesError {
+        compile(text, secrets).map_err(|errors| RulesError {
             file: file.to_owned(),
             errors,
         })

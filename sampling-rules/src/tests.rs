@@ -2,7 +2,7 @@
 //! combinator, action, redaction and validation error, and the properties
 //! that make decisions safe to spread over many nodes.
 
-use crate::{Decision, RuleError, Rules, SpanRef, TraceId, TraceView};
+use crate::{Decision, RuleError, Rules, SecretRef, SpanRef, TraceId, TraceView};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{AnyValue, KeyValue, any_value::Value},
@@ -113,16 +113,22 @@ fn trace(spans: Vec<(&str, Span)>) -> T {
     )
 }
 
-fn env(var: &str) -> Option<String> {
-    (var == "SALT").then(|| "pepper".to_owned())
+/// The secrets a test's rules may refer to: `salt_env: SALT` is "pepper";
+/// files are read for real.
+fn env(secret: SecretRef<'_>) -> Result<String, String> {
+    match secret {
+        SecretRef::Env("SALT") => Ok("pepper".to_owned()),
+        SecretRef::Env(var) => Err(format!("environment variable {var} is not set")),
+        SecretRef::File(_) => secret.read(),
+    }
 }
 
 fn rules(yaml: &str) -> Rules {
-    Rules::from_yaml_with_env(yaml, "test.yaml", &env).unwrap_or_else(|e| panic!("{e}"))
+    Rules::from_yaml_with_secrets(yaml, "test.yaml", &env).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn errors(yaml: &str) -> Vec<RuleError> {
-    Rules::from_yaml_with_env(yaml, "test.yaml", &env)
+    Rules::from_yaml_with_secrets(yaml, "test.yaml", &env)
         .expect_err("should not compile")
         .errors
 }
@@ -574,6 +580,73 @@ fn redaction() {
     );
 }
 
+/// The hashed value of `user.email` under the rules' salt.
+fn hashed_email(r: &Rules) -> Value {
+    let mut req = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![sp(1, None).attr("user.email", s("anna@example.com"))],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    r.redaction().apply(&mut req);
+    let attrs = &req.resource_spans[0].scope_spans[0].spans[0].attributes;
+    attrs[0]
+        .value
+        .clone()
+        .and_then(|v| v.value)
+        .expect("hashed")
+}
+
+/// `salt_file` reads the salt from a file (a mounted Secret), without its
+/// trailing line break: it hashes as the same salt given inline does. A
+/// file that cannot be read, or is empty, is an error at the value's
+/// `line:column` that names the file and never shows its content; giving
+/// the salt twice is refused.
+#[test]
+fn salt_from_a_file() {
+    let dir = std::env::temp_dir().join(format!("tailgate-salt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let salt = dir.join("salt");
+    std::fs::write(&salt, "pepper\n").unwrap();
+    let empty = dir.join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let yaml = |key: &str, value: &str| {
+        format!(
+            "rules:\n  - name: all\n    action: keep\nredact:\n  {key}: '{value}'\n  hash: [user.email]\n"
+        )
+    };
+    let from_file = rules(&yaml("salt_file", &salt.display().to_string()));
+    let inline = rules(&yaml("salt", "pepper"));
+    let from_env = rules(&yaml("salt_env", "SALT"));
+    assert_eq!(hashed_email(&from_file), hashed_email(&inline));
+    assert_eq!(hashed_email(&from_file), hashed_email(&from_env));
+    assert_ne!(
+        hashed_email(&from_file),
+        hashed_email(&rules(&yaml("salt", "other")))
+    );
+
+    let missing = dir.join("missing");
+    for (path, text) in [(&missing, "cannot read"), (&empty, "is empty")] {
+        let path = path.display().to_string();
+        let e = errors(&yaml("salt_file", &path));
+        assert_eq!((e[0].pos.line, e[0].pos.column), (5, 14), "{e:?}");
+        assert!(e[0].message.contains(&path), "{e:?}");
+        assert!(e[0].message.contains(text), "{e:?}");
+    }
+    std::fs::write(&salt, "pepper-secret-value").unwrap();
+    let e = errors(&format!(
+        "rules:\n  - name: all\n    action: keep\nredact:\n  salt_file: '{}'\n  salt_env: SALT\n  hash: [user.email]\n",
+        salt.display()
+    ));
+    assert_eq!((e[0].pos.line, e[0].pos.column), (6, 3), "{e:?}");
+    assert!(e[0].message.contains("both give the salt"), "{e:?}");
+    assert!(!format!("{e:?}").contains("pepper-secret-value"), "{e:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Asserts one error at `line:column` whose message contains `text`.
 fn assert_error(yaml: &str, line: u64, column: u64, text: &str) {
     let errs = errors(yaml);
@@ -705,7 +778,7 @@ fn validation_errors_name_line_and_column() {
 /// Every error is reported, not only the first, as `file:line:column`.
 #[test]
 fn all_errors_are_reported_with_the_file() {
-    let err = Rules::from_yaml_with_env(
+    let err = Rules::from_yaml_with_secrets(
         "rules:\n  - name: a\n    acton: keep\n  - name: b\n    when: { nope: 1 }\n    action: keep\n",
         "rules.yaml",
         &env,
@@ -727,10 +800,13 @@ fn all_errors_are_reported_with_the_file() {
 #[test]
 fn examples_compile() {
     let default = rules(include_str!("../examples/default.yaml"));
-    let pipeline = Rules::from_yaml_with_env(
+    let pipeline = Rules::from_yaml_with_secrets(
         include_str!("../examples/order-pipeline.yaml"),
         "order-pipeline.yaml",
-        &|v| (v == "TAILGATE_REDACT_SALT").then(|| "s".to_owned()),
+        &|s| match s {
+            SecretRef::Env("TAILGATE_REDACT_SALT") => Ok("s".to_owned()),
+            other => Err(format!("{other:?}")),
+        },
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(pipeline.len() > 8);
